@@ -1,0 +1,252 @@
+"""Export the backbone (and optionally the projector) as a PyTorch state dict, without torch.
+
+The file is safetensors, written by hand: an 8-byte little-endian header length N, N bytes of
+JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` (padded
+with spaces to a multiple of 8), then the raw little-endian tensor bytes; offsets count from the
+end of the header. `safetensors.torch.load_file(path)` gives a dict that loads with
+`torchvision.models.resnet18()` (conv1 replaced for CIFAR, fc dropped) via `load_state_dict`.
+
+Layouts: Flax conv kernels are HWIO, torch's OIHW; Flax Dense kernels are (in, out), torch's
+Linear weight is (out, in). BatchNorm: scale → weight, bias → bias, batch_stats mean/var →
+running_mean/running_var, plus torch's int64 scalar num_batches_tracked (written as 0; torch only
+reads it when momentum=None).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from simco_jax.models import BACKBONES
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+_BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision naming rules, written from torchvision.models.resnet, independent of models.py.
+# --------------------------------------------------------------------------------------------
+
+
+def torchvision_state_dict_shapes(
+    backbone: str, width: int = 64, cifar_stem: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of torchvision's ResNet state dict without `fc`, in state_dict order.
+
+    cifar_stem: conv1 is 3×3 (solo-learn) instead of 7×7. Widths follow torchvision's
+    `width_per_group=64` scaled by width/64 (planes 64, 128, 256, 512 at width 64).
+    """
+    rules = {"resnet18": ("basic", (2, 2, 2, 2), 1), "resnet50": ("bottleneck", (3, 4, 6, 3), 4)}
+    if backbone not in rules:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {sorted(rules)}")
+    block, layers, expansion = rules[backbone]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, out_ch, in_ch, k):
+        shapes[f"{name}.weight"] = (out_ch, in_ch, k, k)
+
+    def bn(name, ch):  # parameters first, then buffers (nn.Module.state_dict order)
+        for suffix in _BN_SUFFIXES:
+            shapes[f"{name}.{suffix}"] = () if suffix == "num_batches_tracked" else (ch,)
+
+    conv("conv1", width, 3, 3 if cifar_stem else 7)
+    bn("bn1", width)
+    inplanes = width
+    for layer, num_blocks in enumerate(layers, start=1):
+        planes = width * 2 ** (layer - 1)
+        for index in range(num_blocks):
+            stride = 2 if layer > 1 and index == 0 else 1
+            prefix = f"layer{layer}.{index}"
+            if block == "basic":
+                conv(f"{prefix}.conv1", planes, inplanes, 3)
+                bn(f"{prefix}.bn1", planes)
+                conv(f"{prefix}.conv2", planes, planes, 3)
+                bn(f"{prefix}.bn2", planes)
+            else:
+                conv(f"{prefix}.conv1", planes, inplanes, 1)
+                bn(f"{prefix}.bn1", planes)
+                conv(f"{prefix}.conv2", planes, planes, 3)
+                bn(f"{prefix}.bn2", planes)
+                conv(f"{prefix}.conv3", planes * expansion, planes, 1)
+                bn(f"{prefix}.bn3", planes * expansion)
+            if stride != 1 or inplanes != planes * expansion:
+                conv(f"{prefix}.downsample.0", planes * expansion, inplanes, 1)
+                bn(f"{prefix}.downsample.1", planes * expansion)
+            inplanes = planes * expansion
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------
+# Flax trees -> torch-named numpy arrays.
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_module_name(flax_path: tuple[str, ...]) -> str:
+    """('layer2_0', 'downsample_bn') -> 'layer2.0.downsample.1'."""
+    parts = []
+    for part in flax_path:
+        if part.startswith("layer") and "_" in part:
+            parts.extend(part.split("_", 1))  # layer2_0 -> layer2.0
+        elif part == "downsample_conv":
+            parts.append("downsample.0")
+        elif part == "downsample_bn":
+            parts.append("downsample.1")
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def backbone_state_dict(params, batch_stats) -> dict[str, np.ndarray]:
+    """torchvision-named arrays (OIHW convs, BN buffers) from a ResNet's params/batch_stats."""
+    out: dict[str, np.ndarray] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        module, leaf = _torch_module_name(path[:-1]), path[-1]
+        value = np.asarray(value)
+        if leaf == "kernel":  # conv, HWIO -> OIHW
+            out[f"{module}.weight"] = np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+        elif leaf == "scale":  # BatchNorm
+            out[f"{module}.weight"] = value
+            out[f"{module}.num_batches_tracked"] = np.zeros((), np.int64)
+        elif leaf == "bias":
+            out[f"{module}.bias"] = value
+        else:
+            raise ValueError(f"unexpected backbone parameter {'/'.join(path)}")
+    stat_names = {"mean": "running_mean", "var": "running_var"}
+    for path, value in traverse_util.flatten_dict(batch_stats).items():
+        out[f"{_torch_module_name(path[:-1])}.{stat_names[path[-1]]}"] = np.asarray(value)
+    return out
+
+
+def projector_state_dict(projector_params) -> dict[str, np.ndarray]:
+    """solo-learn's nn.Sequential(Linear, ReLU, Linear) names; Linear weight is (out, in)."""
+    out = {}
+    for flax_name, index in (("hidden", 0), ("output", 2)):
+        layer = projector_params[flax_name]
+        out[f"projector.{index}.weight"] = np.ascontiguousarray(np.asarray(layer["kernel"]).T)
+        out[f"projector.{index}.bias"] = np.asarray(layer["bias"])
+    return out
+
+
+def _split_encoder_tree(tree):
+    """Accept a backbone's tree or an Encoder's ({'backbone': ..., 'projector': ...})."""
+    if isinstance(tree, Mapping) and "backbone" in tree:
+        return tree["backbone"], tree.get("projector")
+    return tree, None
+
+
+def export_torch_state_dict(
+    params,
+    batch_stats,
+    path,
+    *,
+    backbone: str = "resnet18",
+    include_projector: bool = False,
+) -> dict[str, np.ndarray]:
+    """Write the backbone (and projector) as a torchvision-named safetensors file.
+
+    params/batch_stats: a ResNet's variables or an Encoder's (with `backbone`/`projector`).
+    The names and shapes are checked against `torchvision_state_dict_shapes` before writing,
+    so a file that would not `load_state_dict(strict=True)` is never produced.
+    Returns the written arrays (torch names, torchvision order).
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {sorted(BACKBONES)}")
+    backbone_params, projector_params = _split_encoder_tree(params)
+    backbone_stats, _ = _split_encoder_tree(batch_stats)
+    tensors = backbone_state_dict(backbone_params, backbone_stats)
+
+    stem = tensors["conv1.weight"].shape  # (width, 3, k, k)
+    expected = torchvision_state_dict_shapes(backbone, width=stem[0], cifar_stem=stem[-1] == 3)
+    got = {name: tuple(value.shape) for name, value in tensors.items()}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))[:5]
+        extra = sorted(set(got) - set(expected))[:5]
+        wrong = [n for n in expected if n in got and got[n] != expected[n]][:5]
+        raise ValueError(
+            f"parameters do not match torchvision {backbone}: missing {missing}, "
+            f"unexpected {extra}, wrong shapes {wrong}"
+        )
+    tensors = {name: tensors[name] for name in expected}  # torchvision's order
+
+    if include_projector:
+        if projector_params is None:
+            raise ValueError("include_projector=True needs an Encoder's params (with 'projector')")
+        tensors.update(projector_state_dict(projector_params))
+    save_safetensors(tensors, path, metadata={"format": "pt"})
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors, read and written without the safetensors package.
+# --------------------------------------------------------------------------------------------
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path, metadata=None) -> None:
+    """Write a safetensors file (little-endian, C order, data 8-byte aligned)."""
+    arrays = {name: np.asarray(value, order="C") for name, value in tensors.items()}  # keeps 0-d
+    # Lay the data out widest dtype first so every tensor is aligned to its item size (torch's
+    # zero-copy loaders need that); the header keeps the caller's order.
+    layout = sorted(arrays, key=lambda name: -arrays[name].dtype.itemsize)
+    header, offset = {}, 0
+    for name in layout:
+        array = arrays[name]
+        if array.dtype.byteorder == ">":
+            array = arrays[name] = array.astype(array.dtype.newbyteorder("<"))
+        if array.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {array.dtype} has no safetensors equivalent")
+        header[name] = {
+            "dtype": _DTYPE_NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    header = {name: header[name] for name in arrays}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for name in layout:
+            f.write(arrays[name].tobytes())
+
+
+def load_safetensors(path) -> dict[str, np.ndarray]:
+    """Read a safetensors file into numpy arrays, in header order (metadata dropped)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    body = memoryview(data)[8 + header_len :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if not 0 <= begin <= end <= len(body) or end - begin != dtype.itemsize * int(
+            np.prod(shape, dtype=np.int64)
+        ):
+            raise ValueError(f"{path}: bad data_offsets for {name}")
+        out[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
+    return out
