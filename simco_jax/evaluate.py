@@ -1,0 +1,134 @@
+"""Evaluation on clean (only normalised) images: the online probe's accuracy and a kNN monitor.
+
+Top-1 of the online probe over the whole test set is the paper's headline metric (spec §4). The
+kNN monitor is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest
+vote with weights exp(sim / T).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simco_jax import augment, parallel
+
+
+def _pad_to_multiple(array: np.ndarray, multiple: int, fill=0) -> np.ndarray:
+    extra = -len(array) % multiple
+    if not extra:
+        return array
+    pad = np.full((extra, *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, pad])
+
+
+def topk_correct(scores, labels, ks=(1, 5)):
+    """Number of rows whose label is among the top-k scores, for each k; label < 0 is padding."""
+    ranked = jnp.argsort(-scores, axis=-1)
+    hits = ranked == labels[:, None]
+    valid = labels >= 0
+    return {f"top{k}": jnp.sum(jnp.any(hits[:, :k], axis=-1) & valid) for k in ks}
+
+
+def knn_scores(train_features, train_labels, query_features, *, k, temperature, num_classes):
+    """Class votes of the k nearest training features (cosine), weighted by exp(sim / T).
+
+    Features must be L2-normalised; training rows with label < 0 (padding) never vote.
+    """
+    similarity = query_features @ train_features.T
+    similarity = jnp.where(train_labels[None, :] >= 0, similarity, -jnp.inf)
+    top_sim, top_idx = jax.lax.top_k(similarity, k)
+    weights = jnp.exp(top_sim / temperature)
+    votes = jax.nn.one_hot(train_labels[top_idx], num_classes) * weights[..., None]
+    return votes.sum(axis=1)
+
+
+class Evaluator:
+    """Holds the evaluation data on the device and the jitted functions, built once per run."""
+
+    def __init__(self, config, model, probe, dataset, mesh):
+        self.config, self.model, self.probe = config, model, probe
+        self.num_classes = dataset.num_classes
+        self.batch = config.eval_batch_size
+        self.mesh = mesh
+        aug = augment.AugmentParams.from_config(config)
+        # Padding rows carry label -1 and are never counted.
+        self.test = self._to_device(dataset.test_images, dataset.test_labels)
+        self.train = self._to_device(dataset.train_images, dataset.train_labels)
+        self.num_test = len(dataset.test_labels)
+        batch_sharding = (
+            parallel.batch_sharded(mesh)
+            if self.batch % mesh.size == 0
+            else parallel.replicated(mesh)
+        )
+        replicated = parallel.replicated(mesh)
+
+        def features(variables, images, start):
+            """Clean features of rows [start, start + batch); one compilation per split size."""
+            batch = jax.lax.dynamic_slice_in_dim(images, start, self.batch)
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            x = augment.normalize(batch, aug)
+            if x.shape[1] != config.crop_size:
+                x = jax.image.resize(
+                    x, (x.shape[0], config.crop_size, config.crop_size, x.shape[-1]), "bilinear"
+                )
+            feats, _ = model.apply(variables, x, train=False)
+            return feats.astype(jnp.float32)
+
+        def probe_counts(probe_params, feats, labels, start):
+            logits = probe.apply({"params": probe_params}, feats)
+            return topk_correct(logits, jax.lax.dynamic_slice_in_dim(labels, start, self.batch))
+
+        def knn_counts(train_feats, train_labels, test_feats, test_labels, start):
+            query = jax.lax.dynamic_slice_in_dim(test_feats, start, self.batch)
+            scores = knn_scores(
+                train_feats,
+                train_labels,
+                query,
+                k=min(config.knn_k, train_feats.shape[0]),
+                temperature=config.knn_temperature,
+                num_classes=self.num_classes,
+            )
+            return topk_correct(
+                scores, jax.lax.dynamic_slice_in_dim(test_labels, start, self.batch)
+            )
+
+        self._features = jax.jit(features, out_shardings=replicated)
+        self._probe_counts = jax.jit(probe_counts, out_shardings=replicated)
+        self._knn_counts = jax.jit(knn_counts, out_shardings=replicated)
+
+    def _to_device(self, images, labels):
+        images = _pad_to_multiple(images, self.batch)
+        labels = _pad_to_multiple(labels.astype(np.int32), self.batch, fill=-1)
+        return parallel.put_replicated((images, labels), self.mesh)
+
+    def _starts(self, images):
+        return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
+
+    def probe_accuracy(self, state) -> dict:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        images, labels = self.test
+        totals = {"top1": 0, "top5": 0}
+        for start in self._starts(images):
+            feats = self._features(variables, images, start)
+            counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
+            totals = {k: totals[k] + int(counts[k]) for k in totals}
+        return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
+
+    def _normalized_features(self, variables, images):
+        feats = jnp.concatenate(
+            [self._features(variables, images, s) for s in self._starts(images)]
+        )
+        return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
+
+    def knn_accuracy(self, state) -> dict:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        train_feats = self._normalized_features(variables, self.train[0])
+        test_feats = self._normalized_features(variables, self.test[0])
+        totals = {"top1": 0, "top5": 0}
+        for start in self._starts(self.test[0]):
+            counts = parallel.to_host(
+                self._knn_counts(train_feats, self.train[1], test_feats, self.test[1], start)
+            )
+            totals = {k: totals[k] + int(counts[k]) for k in totals}
+        return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}

@@ -1,0 +1,84 @@
+"""Metrics to the workdir (JSON lines and TensorBoard events) and a progress line on the terminal.
+
+Only the main process writes; the others get a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of a run's metrics.jsonl (for tests, notebooks and sweeps)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Throughput and ETA between calls; images/s counts a pair of views as one image."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int):
+        self.total_steps, self.batch_size = total_steps, batch_size
+        self._last_step, self._last_time = start_step, time.perf_counter()
+
+    def update(self, step: int) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        rate = (step - self._last_step) * self.batch_size / elapsed
+        self._last_step, self._last_time = step, now
+        steps_per_s = rate / self.batch_size
+        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
+        return {"images_per_s": rate, "eta_s": eta}
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
