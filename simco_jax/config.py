@@ -104,7 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000  # plus one at every epoch end that evaluates, and at the end
     c.keep_checkpoints = 3
-    c.max_steps = -1  # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs
+    c.max_steps = (
+        -1
+    )  # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs
     return c
 
 
@@ -174,13 +176,20 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if config.backbone not in _BACKBONES:
         fail(f"backbone must be one of {_BACKBONES}, got {config.backbone!r}")
     if config.lr_schedule_unit not in _LR_SCHEDULE_UNITS:
-        fail(f"lr_schedule_unit must be one of {_LR_SCHEDULE_UNITS}, got {config.lr_schedule_unit!r}")
+        fail(
+            f"lr_schedule_unit must be one of {_LR_SCHEDULE_UNITS}, got {config.lr_schedule_unit!r}"
+        )
     if not 0 <= config.warmup_epochs <= config.max_epochs:
         fail(f"warmup_epochs must lie in [0, max_epochs={config.max_epochs}]")
     if not 0.0 < config.min_scale <= config.max_scale <= 1.0:
         fail(f"need 0 < min_scale <= max_scale <= 1, got ({config.min_scale}, {config.max_scale})")
-    for key in ("color_jitter_prob", "gray_scale_prob", "horizontal_flip_prob", "gaussian_prob",
-                "solarization_prob"):
+    for key in (
+        "color_jitter_prob",
+        "gray_scale_prob",
+        "horizontal_flip_prob",
+        "gaussian_prob",
+        "solarization_prob",
+    ):
         if not 0.0 <= config[key] <= 1.0:
             fail(f"{key} is a probability and must lie in [0, 1], got {config[key]!r}")
     if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
@@ -190,13 +199,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if config.queue_size < 0:
         fail(f"queue_size must be >= 0 (0 = in-batch negatives), got {config.queue_size}")
     if config.queue_size and config.queue_size % batch:
-        fail(f"queue_size={config.queue_size} must be a multiple of the global batch_size={batch}, "
-             "so that each step's keys replace one whole slot of the ring buffer")
+        fail(
+            f"queue_size={config.queue_size} must be a multiple of the global batch_size={batch}, "
+            "so that each step's keys replace one whole slot of the ring buffer"
+        )
     if config.queue_size == 0 and batch < 2:
         fail("in-batch negatives need batch_size >= 2")
     if config.shuffle_bn and not config.momentum_encoder:
-        fail("shuffle_bn shuffles the key encoder's batch; it needs momentum_encoder=True "
-             "(SimCo's keys come from the online encoder)")
+        fail(
+            "shuffle_bn shuffles the key encoder's batch; it needs momentum_encoder=True "
+            "(SimCo's keys come from the online encoder)"
+        )
     for key in ("bn_groups", "negative_groups"):
         groups = config[key]
         if groups < 1 or batch % groups:
@@ -206,8 +219,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     if config.negative_groups > 1 and config.queue_size:
         fail("negative_groups applies to in-batch negatives; set queue_size=0 or negative_groups=1")
     if num_devices is not None and batch % num_devices:
-        fail(f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
-             f"of {num_devices} (the batch is the global batch, split evenly over devices)")
+        fail(
+            f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
+            f"of {num_devices} (the batch is the global batch, split evenly over devices)"
+        )
     if config.eval_batch_size < 1:
         fail("eval_batch_size must be >= 1")
     if config.dataset == "npz" and not config.data_path:

@@ -14,7 +14,7 @@ def scaled_lr(lr: float, batch_size: int, reference_batch: int = 256) -> float:
 
 
 def warmup_cosine(epoch, *, base_lr, max_epochs, warmup_epochs, warmup_start_lr, min_lr=0.0):
-    """Linear warm-up from `warmup_start_lr`, then cosine to `min_lr` (pl_bolts' LinearWarmupCosine).
+    """Linear warm-up from `warmup_start_lr`, then cosine to `min_lr` (as pl_bolts' scheduler).
 
     `epoch` may be an integer (the official per-epoch stepping) or fractional (per-step option).
     Warm-up: ``start + e·(L − start)/(W − 1)`` for e < W, so epoch W − 1 reaches L exactly;
