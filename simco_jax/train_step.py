@@ -175,18 +175,26 @@ def make_train_step(config, comps: Components):
         return losses.dual_temperature_infonce(query, key, queue, dt_m=config.dt_m, **kwargs)
 
     def momentum_keys(state, view1, view2, rng):
-        """Keys from the momentum encoder, in train mode (its own BatchNorm statistics)."""
+        """Keys from the momentum encoder, in train mode (its own BatchNorm statistics).
+
+        A one-way loss needs only view 2's keys, so view 1's pass is skipped (it would only move
+        the key encoder's running statistics, which no result reads); k1 is then None.
+        """
         params, stats = state.momentum_params, state.momentum_batch_stats
+        views = (view1, view2) if config.symmetric else (None, view2)
         keys = []
-        for view, view_rng in zip((view1, view2), jax.random.split(rng), strict=True):
+        for view, view_rng in zip(views, jax.random.split(rng), strict=True):
+            if view is None:
+                keys.append(None)
+                continue
             if config.shuffle_bn:  # MoCo's ShuffleBN: sub-batches mix images across groups
                 perm = jax.random.permutation(view_rng, view.shape[0])
                 _, k, stats = encode(model, params, stats, view[perm], groups=groups)
                 k = k[jnp.argsort(perm)]
             else:
                 _, k, stats = encode(model, params, stats, view, groups=groups)
-            keys.append(k)
-        return jax.lax.stop_gradient(keys[0]), jax.lax.stop_gradient(keys[1]), stats
+            keys.append(jax.lax.stop_gradient(k))
+        return keys[0], keys[1], stats
 
     def train_step(state: TrainState, images, labels):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
