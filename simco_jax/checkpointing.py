@@ -3,16 +3,20 @@
 Each checkpoint holds the state pytree and a small JSON record of the settings that fix the
 state's shapes. Restoring checks the record first, so a workdir from another model or queue size
 fails with a message instead of a shape error, and a latest checkpoint that cannot be read
-(truncated, corrupted) is skipped with a warning for the one before it.
+(truncated, corrupted) is skipped with a warning for the one before it, and moved to
+`unreadable_checkpoints/` next to the checkpoint directory so that its step can be saved again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,11 @@ class Checkpointer:
     def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
         self.record = record
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        # cleanup_tmp_directories: a step whose save was cut short (SIGKILL, a lost host) is a
+        # `<step>.orbax-checkpoint-tmp` dir; never restored, but removed so it cannot pile up.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+        )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "record")
         )
@@ -52,6 +60,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
+        """Saves `state` as `step`; a step already saved (a preemption right after a regular
+        checkpoint) is left as it is."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -80,25 +92,44 @@ class Checkpointer:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template
         )
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                self._check_record(step)
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-                )
-                return restored["state"]
-            except CheckpointError:
-                raise
-            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: try an older one
-                log.warning(
-                    "checkpoint at step %d in %s cannot be read (%s: %s); falling back to the "
-                    "previous one",
-                    step,
-                    self.directory,
-                    type(error).__name__,
-                    error,
-                )
-        return None
+        unreadable = []
+        try:
+            for step in sorted(self.manager.all_steps(), reverse=True):
+                try:
+                    self._check_record(step)
+                    restored = self.manager.restore(
+                        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                    )
+                    return restored["state"]
+                except CheckpointError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - any unreadable one: try an older one
+                    unreadable.append(step)
+                    log.warning(
+                        "checkpoint at step %d in %s cannot be read (%s: %s); falling back to "
+                        "the previous one",
+                        step,
+                        self.directory,
+                        type(error).__name__,
+                        str(error)[:500],
+                    )
+            return None
+        finally:
+            if unreadable:
+                self._set_aside(unreadable)
+
+    def _set_aside(self, steps) -> None:
+        """Moves unreadable steps out of the way (not deleted: a read error may be transient), so
+        that the resumed run can save those steps again."""
+        aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+        if jax.process_index() == 0:
+            for step in steps:
+                target = os.path.join(aside, f"{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(os.path.join(self.directory, str(step)), target)
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("simco_jax:unreadable_checkpoints_set_aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -168,7 +168,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         check_positive(key)
     for key in ("steps_per_dispatch", "log_every_steps", "checkpoint_every_steps", "knn_k"):
         check_positive(key)
-    for key in ("base_tau_momentum", "final_tau_momentum"):
+    for key in ("momentum", "base_tau_momentum", "final_tau_momentum"):
         if not 0.0 <= config[key] <= 1.0:
             fail(f"{key} must lie in [0, 1], got {config[key]!r}")
     if config.dtype not in _DTYPES:
