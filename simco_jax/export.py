@@ -18,6 +18,7 @@ import json
 import struct
 from collections.abc import Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
@@ -250,3 +251,40 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: bad data_offsets for {name}")
         out[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m simco_jax.export --workdir=RUN --out=backbone.safetensors
+# --------------------------------------------------------------------------------------------
+
+
+def export_run(workdir, out, *, include_projector: bool = False) -> dict[str, np.ndarray]:
+    """Restores a training run's latest checkpoint and exports its online encoder to `out`."""
+    from simco_jax import linear_eval  # the one place that restores a run from its workdir
+
+    run = linear_eval.restore_run(workdir)
+    params = jax.tree.map(np.asarray, run.state.params)
+    batch_stats = jax.tree.map(np.asarray, run.state.batch_stats)
+    return export_torch_state_dict(
+        params,
+        batch_stats,
+        out,
+        backbone=run.config.backbone,
+        include_projector=include_projector,
+    )
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a run's backbone as torchvision names.")
+    parser.add_argument("--workdir", required=True, help="the training run's --workdir")
+    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--include_projector", action="store_true")
+    args = parser.parse_args(argv)
+    tensors = export_run(args.workdir, args.out, include_projector=args.include_projector)
+    print(f"wrote {len(tensors)} tensors to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

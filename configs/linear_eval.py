@@ -1,0 +1,31 @@
+r"""Offline evaluation of a pretrained run: a linear classifier on frozen features, and a kNN.
+
+    python launch.py --config=configs/linear_eval.py --config.pretrained=runs/simco \
+        --workdir=runs/simco_linear
+
+The protocol is solo-learn's linear evaluation for CIFAR: the backbone is frozen (BatchNorm in
+inference mode), the classifier sees RandomResizedCrop(scale 0.08–1) + horizontal-flip views of the
+training images, SGD with momentum 0.9, no weight decay, batch 256, 100 epochs, cosine schedule;
+top-1/top-5 on the clean test set. The kNN is the training run's cosine monitor (k = 200, T = 0.1,
+`evaluate.knn_scores`) on clean images. The data set is the pretrained run's (its config.json).
+Results: PRETRAINED/linear_eval.json and PRETRAINED/knn_eval.json, and the same files in --workdir.
+Options: --config.mode=linear|knn|both, --config.linear_epochs, --config.linear_lr,
+--config.linear_schedule=cosine|step|constant. Variant `:smoke`: a few steps, for tests.
+"""
+
+from simco_jax import linear_eval
+
+
+def get_config(arg=None):
+    config = linear_eval.default_config()
+    for variant in filter(None, (arg or "").split(",")):
+        if variant != "smoke":
+            raise ValueError(f"unknown linear_eval variant {variant!r}; known: smoke")
+        config.update(linear_smoke_overrides())
+    return config
+
+
+def linear_smoke_overrides():
+    return dict(
+        linear_epochs=1, linear_batch_size=32, linear_max_steps=4, knn_k=10, eval_batch_size=64
+    )

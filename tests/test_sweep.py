@@ -1,0 +1,135 @@
+"""The sweep runner: a real two-point grid at smoke settings, its tables, skips, the studies."""
+
+import csv
+import glob
+import os
+
+import pytest
+from helpers import REPO, framework_config
+
+from simco_jax import config as config_lib
+from simco_jax import sweep, train, writers
+
+GRID = {"dt_m": [1.0, 10.0]}  # InfoNCE and dual temperature
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("sweep"))
+    base = framework_config("simco", max_steps=4)
+    rows = sweep.run_sweep(base, GRID, root, command="python -m simco_jax.sweep (test)")
+    return root, base, rows
+
+
+def test_sweep_trains_each_point_in_its_own_workdir_and_tabulates(finished_sweep):
+    root, _, rows = finished_sweep
+    assert sorted(os.listdir(root)) == [
+        "dt_m=1.0",
+        "dt_m=10.0",
+        "results.csv",
+        "results.md",
+    ]
+    with open(os.path.join(root, "results.csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["dt_m"] for r in table] == ["1.0", "10.0"]
+    assert list(table[0]) == ["dt_m", *sweep.METRIC_COLUMNS]
+    for row, dt_m in zip(table, ("1.0", "10.0"), strict=True):
+        records = writers.read_metrics(os.path.join(root, f"dt_m={dt_m}"))
+        final = [r for r in records if "probe_top1" in r][-1]
+        assert float(row["probe_top1"]) == round(final["probe_top1"], 2)
+        assert float(row["knn_top1"]) == round(final["knn_top1"], 2)
+        assert row["steps"] == "4" and row["device"].endswith("cpu")
+        assert float(row["wall_s"]) > 0
+    # The two points really trained different objectives (dt_m = 1 is InfoNCE).
+    losses = [
+        writers.read_metrics(os.path.join(root, f"dt_m={d}"))[0]["loss"] for d in ("1.0", "10.0")
+    ]
+    assert losses[0] != losses[1]
+    markdown = open(os.path.join(root, "results.md")).read().splitlines()
+    assert markdown[0] == "Produced by `python -m simco_jax.sweep (test)`."
+    assert markdown[2] == "| dt_m | " + " | ".join(sweep.METRIC_COLUMNS) + " |"
+    assert len([line for line in markdown if line.startswith("| 1")]) == 2  # 1.0 and 10.0
+    assert sweep.read_table(os.path.join(root, "results.csv"))[1]["dt_m"] == 10.0
+    assert [(r["dt_m"], r["steps"]) for r in rows] == [("1.0", 4), ("10.0", 4)]
+
+
+def test_rerun_skips_finished_points_and_resumes_unfinished_ones(finished_sweep, monkeypatch):
+    root, base, _ = finished_sweep
+    calls = []
+    real = train.train_and_evaluate
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append(w) or real(c, w))
+    sweep.run_sweep(base, GRID, root)
+    assert calls == []  # both finished: nothing trains
+    os.remove(os.path.join(root, "dt_m=10.0", sweep.DONE_FILE))  # as if cut short
+    sweep.run_sweep(base, GRID, root)
+    assert calls == [os.path.join(root, "dt_m=10.0")]  # resumed from its checkpoint
+    assert os.path.exists(os.path.join(root, "dt_m=10.0", sweep.DONE_FILE))
+
+
+def test_cli_table_only_rewrites_the_tables_with_its_command(finished_sweep, tmp_path):
+    root, _, _ = finished_sweep
+    sweep_file = tmp_path / "dt.py"
+    sweep_file.write_text(
+        "def get_sweep(variant=None):\n"
+        "    return {'base': 'configs/simco_cifar.py', 'grid': {'dt_m': [1.0, 10.0]}}\n"
+    )
+    os.remove(os.path.join(root, "results.csv"))
+    sweep.main([f"--sweep={sweep_file}", f"--workdir={root}", "--table_only"])
+    assert len(sweep.read_table(os.path.join(root, "results.csv"))) == 2
+    first = open(os.path.join(root, "results.md")).readline()
+    assert (
+        first == f"Produced by `python -m simco_jax.sweep --sweep={sweep_file} --workdir={root}`.\n"
+    )
+
+
+def test_point_names_configs_framework_and_ties():
+    points = sweep.grid_points({"framework": ["mocov2", "simco"], "batch_size": [64, 128]})
+    assert [sweep.point_name(p) for p in points] == [
+        "framework=mocov2,batch_size=64",
+        "framework=mocov2,batch_size=128",
+        "framework=simco,batch_size=64",
+        "framework=simco,batch_size=128",
+    ]
+    moco = sweep.point_config("configs/simco_cifar.py", points[1], variant="smoke")
+    assert (moco.momentum_encoder, moco.queue_size, moco.dt_m, moco.symmetric) == (
+        True,
+        65536,
+        1.0,
+        False,
+    )
+    assert moco.batch_size == 128 and moco.dataset == "synthetic"
+    tied = sweep.point_config(
+        "configs/simmoco_cifar.py",
+        {"base_tau_momentum": 0.9},
+        tied={"final_tau_momentum": "base_tau_momentum"},
+    )
+    assert tied.base_tau_momentum == tied.final_tau_momentum == 0.9
+
+
+@pytest.mark.parametrize("variant", [None, "smoke"])
+def test_every_shipped_study_point_is_a_valid_config(variant):
+    files = sorted(glob.glob(os.path.join(REPO, "sweeps", "*.py")))
+    assert {os.path.basename(f) for f in files} >= {
+        "batch_size.py",
+        "dictionary_size.py",
+        "momentum.py",
+        "temperature.py",
+    }
+    for path in files:
+        spec = sweep.load_sweep(path, variant)
+        for point in sweep.grid_points(spec["grid"]):
+            config = sweep.point_config(
+                spec["base"],
+                point,
+                variant=variant,
+                overrides=spec.get("overrides"),
+                tied=spec.get("tied"),
+            )
+            config_lib.validate(config)
+
+
+def test_full_batch_size_study_is_the_published_table():
+    spec = sweep.load_sweep(os.path.join(REPO, "sweeps", "batch_size.py"))
+    assert spec["grid"]["batch_size"] == sorted(sweep.PUBLISHED["simco"])
+    assert sorted(spec["grid"]["framework"]) == sorted(sweep.PUBLISHED)
+    assert sweep.PUBLISHED["simco"][256] == 58.35 and sweep.PUBLISHED["mocov2"][1024] == 48.90
