@@ -5,13 +5,19 @@ Multi-host: JAX auto-detects TPU pods and SLURM; elsewhere pass --coordinator_ad
 --num_processes and --process_id to every process.
 """
 
+import difflib
 import logging
+import os
+import sys
+import traceback
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from simco_jax import parallel, train
+from simco_jax import config as config_lib
+from simco_jax import linear_eval, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -20,18 +26,66 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    None,
+    "Multi-host: seconds without a heartbeat after which a process counts as dead and the others "
+    "stop with an error (default: JAX's, 100).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """absl's parser, with one line instead of a traceback for an unknown --config.KEY."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):  # what ml_collections raises for an unknown field
+        known = sorted(config_lib.base_config().keys())
+        names = [a[len("--config.") :].split("=")[0] for a in argv if a.startswith("--config.")]
+        unknown = [n for n in names if n.split(".")[0] not in known]
+        if not unknown:
+            raise
+        hints = [difflib.get_close_matches(n, known, n=1) for n in unknown]
+        close = [f"--config.{h[0]}" for h in hints if h]
+        sys.stderr.write(
+            f"FATAL Flags parsing error: unknown config key(s) {unknown}"
+            + (f"; did you mean {close}?" if close else ".")
+            + f" Known keys: {known}\n"
+        )
+        sys.exit(1)
 
 
 def main(argv):
     del argv
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.initialize_distributed(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        heartbeat_timeout_s=_HEARTBEAT.value,
+    )
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax; our progress stays at INFO
     logging.getLogger("simco_jax").setLevel(logging.INFO)
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if "pretrained" in _CONFIG.value:  # configs/linear_eval.py: evaluate a finished run
+        linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+        return
+    try:
+        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except jax.errors.JaxRuntimeError:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: most often another process died (lost host, OOM, kill -9).
+        # Say so, and exit now: JAX's shutdown barrier would wait for the dead process and abort.
+        traceback.print_exc()
+        sys.stderr.write(
+            f"FATAL process {jax.process_index()}/{jax.process_count()}: a collective with the "
+            "other processes failed, most likely because one of them died (see its log). Rerun "
+            "the same command on every host: training resumes from the last checkpoint.\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
     if summary.get("preempted"):
         raise SystemExit(143)  # stopped by SIGTERM after checkpointing: rerun the same command
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -245,10 +245,13 @@ def rgb_to_hsv(image):
     rc = (maxc - r) / divisor
     gc = (maxc - g) / divisor
     bc = (maxc - b) / divisor
-    hr = jnp.where(maxc == r, bc - gc, 0.0)
-    hg = jnp.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
-    hb = jnp.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
-    h = jnp.mod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    # torchvision tests maxc == r, then maxc == g: the first channel holding the max, which is
+    # argmax. Exact float equality is fragile under jit: XLA may recompute `image` in another
+    # fusion with different rounding (it does when the batch is sharded), so that maxc matches
+    # no channel and the pixel gets the wrong sector; argmax always picks exactly one.
+    channel = jnp.argmax(image, axis=-1)
+    h6 = jnp.where(channel == 0, bc - gc, jnp.where(channel == 1, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = jnp.mod(h6 / 6.0 + 1.0, 1.0)
     return jnp.stack([h, s, maxc], axis=-1)
 
 

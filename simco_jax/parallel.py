@@ -15,13 +15,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
-# Environment variables by which cluster launchers announce a multi-process job.
-_CLUSTER_ENV = (
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-)
+
+def _cluster_env_is_multi_process() -> bool:
+    """Whether a cluster launcher announces more than one process (then JAX auto-detects)."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return True
+    return "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
 def initialize_distributed(
@@ -33,26 +35,26 @@ def initialize_distributed(
 ) -> bool:
     """Starts jax.distributed for a multi-process run; returns whether it did.
 
-    Explicit arguments win; otherwise JAX auto-detects Cloud TPU pods and cluster launchers
-    (SLURM, Open MPI). A single-process run without either does nothing.
+    Explicit arguments win; what is left unset JAX auto-detects (Cloud TPU pods, SLURM, Open MPI).
+    A single-process run without either does nothing. `heartbeat_timeout_s`: a process that sends
+    no heartbeat for this long counts as dead, and the survivors stop with an error instead of
+    waiting forever in a collective (None: JAX's default, 100 s).
     """
     explicit = bool(coordinator) or num_processes > 1
-    slurm_multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    auto = slurm_multi or any(k in os.environ for k in _CLUSTER_ENV[1:])
-    if not (explicit or auto):
+    if not (explicit or _cluster_env_is_multi_process()):
         return False
-    kwargs = {}
-    if explicit:
-        kwargs = dict(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-        )
+    # Cross-process collectives on CPU need an implementation; gloo (TCP) is JAX's default
+    # since 0.4.3x, set here for a JAX whose default is none. GPUs and TPUs are not affected.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = dict(
+        coordinator_address=coordinator or None,
+        num_processes=num_processes if num_processes > 0 else None,
+        process_id=process_id if process_id >= 0 else None,
+    )
     if heartbeat_timeout_s is not None:
-        kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_s
-    try:
-        jax.distributed.initialize(**kwargs)
-    except TypeError:  # a JAX without the heartbeat argument
-        kwargs.pop("heartbeat_timeout_seconds", None)
-        jax.distributed.initialize(**kwargs)
+        kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+    jax.distributed.initialize(**kwargs)
     return True
 
 
@@ -90,6 +92,15 @@ def to_host(tree):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process. Collective: every process must call it together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def is_main_process() -> bool:
