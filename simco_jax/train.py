@@ -13,6 +13,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from simco_jax import checkpointing, data, evaluate, parallel, train_step, writers
@@ -36,6 +37,12 @@ def _prepare_workdir(workdir: str) -> None:
         raise config_lib.ConfigError(
             f"cannot write to --workdir={workdir!r} ({error.strerror}); pass a writable directory"
         ) from error
+
+
+def _all_finite(tree):
+    """Whether every floating-point leaf is finite: one fused reduction on the device."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _install_preemption_handler():
@@ -104,12 +111,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- jitted chunk of steps
     step_fn = train_step.make_train_step(config, comps)
+    dispatch_steps = train_step.steps_per_dispatch(config)  # 1 on CPU: see its docstring
     chunk = jax.jit(
         train_step.make_train_chunk(
             config,
             comps,
             step_fn,
-            chunk_size=config.steps_per_dispatch,
+            chunk_size=dispatch_steps,
             batch_sharding=parallel.batch_sharded(mesh),
         ),
         in_shardings=(replicated, replicated, replicated, None),
@@ -117,6 +125,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         donate_argnums=0,
     )
     evaluator = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
+    state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
 
     # ---------------------------------------------------------------- train loop
     writer = writers.MetricWriter(workdir, enabled=main)
@@ -144,7 +153,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {k: float(np.mean(v)) for k, v in stacked.items()}
 
     def save(step):
-        drain_metrics(step)  # never checkpoint a diverged state
+        drain_metrics(step)  # never checkpoint a diverged state ...
+        if not parallel.to_host(state_is_finite(state)):  # ... nor one whose last update blew up
+            raise NonFiniteLossError(
+                f"the train state became non-finite at step {step} while the losses were still "
+                f"finite; stopping without checkpointing (the last good checkpoint, step "
+                f"{ckpt.latest_step()}, is intact). Lower lr or temperature, or use dtype=float32."
+            )
         ckpt.save(step, state)
 
     try:
@@ -156,7 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stop_at = min(next_epoch_end, next_checkpoint, total_steps)
             state, metrics = chunk(state, train_images, train_labels, np.int32(stop_at))
             pending.append(metrics)
-            step = min(step + config.steps_per_dispatch, stop_at)
+            step = min(step + dispatch_steps, stop_at)
 
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
             if step // config.log_every_steps > last_log // config.log_every_steps or epoch_done:
@@ -195,9 +210,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 progress = writers.Progress(total_steps, config.batch_size, step)  # exclude eval
             if step % config.checkpoint_every_steps == 0 or final:
                 save(step)
-            if preempted["set"]:
+            # Multi-host: SIGTERM may reach the processes at different steps, and all must stop
+            # at the same one (the save is collective). They agree where the loop waits for the
+            # devices anyway (log points, epoch ends); one process checks at every chunk.
+            if jax.process_count() == 1:
+                stop = preempted["set"]
+            else:
+                stop = (last_log == step or final) and parallel.any_process(preempted["set"])
+            if stop:
                 save(step)
                 summary["preempted"] = True
+                if main:
+                    log.warning(
+                        "preempted: saved the checkpoint of step %d/%d; rerun the same command "
+                        "to resume",
+                        step,
+                        total_steps,
+                    )
                 break
         summary["step"] = step
     finally:

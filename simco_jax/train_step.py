@@ -157,6 +157,17 @@ def encode(model, params, batch_stats, images, *, groups: int = 1, train: bool =
     return features.reshape(batch, -1), projections.reshape(batch, -1), stats
 
 
+def shuffled_encode(model, params, batch_stats, images, perm, *, groups: int):
+    """MoCo's ShuffleBN for the key encoder: group BatchNorm over the batch reordered by `perm`.
+
+    Sub-batch g normalises images perm[g·B/G : (g+1)·B/G]: a key's statistics come from a random
+    mix of images, not from its query's sub-batch, so BN cannot leak which key is the positive.
+    Returns the normalised projections back in the original order, and the updated batch_stats.
+    """
+    _, keys, batch_stats = encode(model, params, batch_stats, images[perm], groups=groups)
+    return keys[jnp.argsort(perm)], batch_stats
+
+
 def enqueue(queue, ptr, keys):
     """FIFO ring buffer: `keys` overwrite the oldest rows, the pointer advances by the batch."""
     queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
@@ -189,8 +200,7 @@ def make_train_step(config, comps: Components):
                 continue
             if config.shuffle_bn:  # MoCo's ShuffleBN: sub-batches mix images across groups
                 perm = jax.random.permutation(view_rng, view.shape[0])
-                _, k, stats = encode(model, params, stats, view[perm], groups=groups)
-                k = k[jnp.argsort(perm)]
+                k, stats = shuffled_encode(model, params, stats, view, perm, groups=groups)
             else:
                 _, k, stats = encode(model, params, stats, view, groups=groups)
             keys.append(jax.lax.stop_gradient(k))
@@ -288,33 +298,53 @@ def epoch_batch_indices(rng, epoch, num_examples: int, steps_per_epoch: int, bat
     return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
 
 
+def steps_per_dispatch(config) -> int:
+    """Steps fused into one dispatch: `config.steps_per_dispatch`, but 1 on the CPU backend.
+
+    XLA:CPU runs convolutions inside loop bodies and conditional branches through a slow generic
+    path (jax-ml/jax#12868; a ResNet-18 step ran ~20× slower inside lax.scan or lax.cond here),
+    so on CPU each dispatch is one plain step. A step takes far longer than a dispatch there, and
+    every step runs the same compiled program, so a resumed run stays bit-identical.
+    """
+    return 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
+
+
 def make_train_chunk(
     config, comps: Components, train_step, *, chunk_size: int, batch_sharding=None
 ):
     """Fuses `chunk_size` steps into one lax.scan; steps at or past `stop_at` are skipped.
 
     The skip keeps one compiled function for every chunk of the run (epoch ends, the last steps),
-    so the host dispatches once per chunk and never recompiles.
+    so the host dispatches once per chunk and never recompiles. `chunk_size` 1 (the CPU choice of
+    `steps_per_dispatch`) is one step with neither loop nor cond around it; a select discards it
+    past `stop_at`.
     """
     steps_per_epoch, batch = comps.steps_per_epoch, config.batch_size
 
     def chunk(state: TrainState, train_images, train_labels, stop_at):
+        def run(state):
+            epoch = state.step // steps_per_epoch
+            indices = epoch_batch_indices(
+                state.rng, epoch, train_images.shape[0], steps_per_epoch, batch
+            )[state.step % steps_per_epoch]
+            if batch_sharding is not None:
+                indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
+            new_state, metrics = train_step(state, train_images[indices], train_labels[indices])
+            return new_state, dict(metrics, active=jnp.ones((), jnp.bool_))
+
+        def skip(state):
+            _, metrics = jax.eval_shape(run, state)
+            zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+            return state, zeros
+
+        if chunk_size == 1:
+            active = state.step < stop_at
+            new_state, metrics = run(state)
+            keep = lambda new, old: jnp.where(active, new, old)
+            metrics = {k: keep(m, jnp.zeros_like(m))[None] for k, m in metrics.items()}
+            return jax.tree.map(keep, new_state, state), metrics
+
         def body(state, _):
-            def run(state):
-                epoch = state.step // steps_per_epoch
-                indices = epoch_batch_indices(
-                    state.rng, epoch, train_images.shape[0], steps_per_epoch, batch
-                )[state.step % steps_per_epoch]
-                if batch_sharding is not None:
-                    indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-                new_state, metrics = train_step(state, train_images[indices], train_labels[indices])
-                return new_state, dict(metrics, active=jnp.ones((), jnp.bool_))
-
-            def skip(state):
-                _, metrics = jax.eval_shape(run, state)
-                zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
-                return state, zeros
-
             return jax.lax.cond(state.step < stop_at, run, skip, state)
 
         return jax.lax.scan(body, state, None, length=chunk_size)

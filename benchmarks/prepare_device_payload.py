@@ -1,0 +1,90 @@
+r"""Prepares device_payload/ (git-ignored) for benchmarks/device_run.sh on a lent GPU machine.
+
+    python benchmarks/prepare_device_payload.py            # reads ../shared/data/cifar100.npz
+
+Writes
+* device_payload/cifar100_subset.npz: a class-balanced CIFAR-100 subset (default 100 train and
+  20 test images per class, 10,000 + 2,000 images, about 35 MiB, uncompressed uint8) with the
+  keys launch.py's npz source reads;
+* device_payload/wheels/: ml-collections (pure Python; the device image lacks it), fetched with
+  `pip download --no-deps`, the only network use, and only when the wheel is not there yet.
+
+Everything that travels must stay under the device tool's 64 MiB limit with the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SOURCE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar100.npz")
+PAYLOAD = os.path.join(REPO, "device_payload")
+MAX_BYTES = 40 * 2**20
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, rng) -> np.ndarray:
+    """Sorted indices of `per_class` random images of every class."""
+    picks = [
+        rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in np.unique(labels)
+    ]
+    return np.sort(np.concatenate(picks))
+
+
+def write_subset(source: str, target: str, train_per_class: int, test_per_class: int, seed: int):
+    rng = np.random.default_rng(seed)
+    with np.load(source) as archive:
+        train_labels, test_labels = archive["train_labels"], archive["test_labels"]
+        train = balanced_subset(train_labels, train_per_class, rng)
+        test = balanced_subset(test_labels, test_per_class, rng)
+        arrays = dict(
+            train_images=archive["train_images"][train],
+            train_labels=train_labels[train].astype(np.int32),
+            test_images=archive["test_images"][test],
+            test_labels=test_labels[test].astype(np.int32),
+            class_names=archive["class_names"],
+        )
+    np.savez(target, **arrays)  # uncompressed: loads at once, compresses poorly anyway
+    size = os.path.getsize(target)
+    if size > MAX_BYTES:
+        raise SystemExit(f"{target} is {size / 2**20:.1f} MiB > 40 MiB; take fewer per class")
+    return {k: v.shape for k, v in arrays.items()}, size
+
+
+def fetch_wheels(wheel_dir: str) -> list[str]:
+    os.makedirs(wheel_dir, exist_ok=True)
+    if not glob.glob(os.path.join(wheel_dir, "ml_collections-*.whl")):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+            + ["-d", wheel_dir, "ml-collections"],
+            check=True,
+        )
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(wheel_dir, "*.whl")))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--source", default=DEFAULT_SOURCE)
+    p.add_argument("--train_per_class", type=int, default=100)
+    p.add_argument("--test_per_class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_wheels", action="store_true", help="skip the ml-collections wheel")
+    args = p.parse_args(argv)
+
+    os.makedirs(PAYLOAD, exist_ok=True)
+    target = os.path.join(PAYLOAD, "cifar100_subset.npz")
+    shapes, size = write_subset(
+        args.source, target, args.train_per_class, args.test_per_class, args.seed
+    )
+    print(f"{target}: {size / 2**20:.1f} MiB, {shapes}")
+    if not args.no_wheels:
+        print("wheels:", fetch_wheels(os.path.join(PAYLOAD, "wheels")))
+
+
+if __name__ == "__main__":
+    main()
