@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU machine (see benchmarks/README.md), under 8 minutes:
+# One prepared command for a GPU machine (see benchmarks/README.md), under 8 minutes:
 #   1. installs the carried ml-collections wheel if the image lacks it;
 #   2. the throughput table of the three frameworks (ResNet-18, bf16, batch 128–1024 for SimCo,
 #      MoCo v2 with a 65,536-key queue and SimMoCo at 256, bare fwd/bwd baseline at 256);

@@ -1,4 +1,4 @@
-r"""Prepares device_payload/ (git-ignored) for benchmarks/device_run.sh on a lent GPU machine.
+r"""Prepares device_payload/ (git-ignored) for benchmarks/device_run.sh on a GPU machine.
 
     python benchmarks/prepare_device_payload.py            # reads ../shared/data/cifar100.npz
 
