@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
     c.steps_per_dispatch = 8  # train steps fused into one jitted lax.scan
     c.log_every_steps = 50
-    c.checkpoint_every_steps = 1000  # plus one at every epoch end that evaluates, and at the end
+    c.checkpoint_every_steps = 1000  # plus one at the end and one on SIGTERM
     c.keep_checkpoints = 3
     c.max_steps = (
         -1
@@ -153,7 +153,7 @@ class ConfigError(ValueError):
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
     """Rejects impossible settings before anything is loaded or compiled."""
     known = base_config()
-    unknown = sorted(set(config.keys()) - set(known.keys()) - {"pretrained", "linear_eval"})
+    unknown = sorted(set(config.keys()) - set(known.keys()))
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known.keys())}")
 
