@@ -30,7 +30,14 @@ COMPATIBILITY_KEYS = (
     "queue_size",
     "momentum_encoder",
     "crop_size",
+    "projector",
+    "predictor",
+    "pred_hidden_dim",
+    "optimizer",
 )
+# Keys added to the record after checkpoints were first written, with the value every run before
+# them had: a checkpoint whose record lacks one is read as having this value.
+ADDED_KEYS = {"projector": "mlp", "predictor": False, "pred_hidden_dim": 0, "optimizer": "sgd"}
 
 
 class CheckpointError(RuntimeError):
@@ -38,7 +45,9 @@ class CheckpointError(RuntimeError):
 
 
 def compatibility_record(config, num_classes: int) -> dict:
-    record = {key: config[key] for key in COMPATIBILITY_KEYS}
+    record = {key: config.get(key, ADDED_KEYS.get(key)) for key in COMPATIBILITY_KEYS}
+    if not record["predictor"]:  # the predictor's size shapes nothing without one
+        record["pred_hidden_dim"] = 0
     record["num_classes"] = num_classes
     return record
 
@@ -76,7 +85,7 @@ class Checkpointer:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
         )
-        saved = dict(restored["record"])
+        saved = {**ADDED_KEYS, **restored["record"]}
         diffs = {k: (saved.get(k), v) for k, v in self.record.items() if saved.get(k) != v}
         if diffs:
             detail = ", ".join(

@@ -1,15 +1,22 @@
 """The one configuration schema: defaults, and the checks that run before anything compiles.
 
-Every framework of the paper is a setting of the same keys (spec §2):
+Every framework is a setting of the same keys (`simco_jax.methods` says what each key does):
 
-=================  ==========  =========  =========
-key                MoCo v2     SimMoCo    SimCo
-=================  ==========  =========  =========
-momentum_encoder   True        True       False
-queue_size         65536       0          0
-dt_m               1.0         10.0       10.0
-symmetric          False       False      True
-=================  ==========  =========  =========
+=================  ===========  ===========  ===========  ==============  ===============
+key                MoCo v2      SimMoCo      SimCo        BYOL            SimSiam
+=================  ===========  ===========  ===========  ==============  ===============
+momentum_encoder   True         True         False        True            False
+queue_size         65536        0            0            0               0
+dt_m               1.0          10.0         10.0         (unused)        (unused)
+symmetric          False        False        True         True            True
+loss               contrastive  contrastive  contrastive  normalized_mse  negative_cosine
+predictor          False        False        False        True (4096)     True (512)
+projector          mlp          mlp          mlp          mlp_bn          mlp3_bn
+optimizer          sgd          sgd          sgd          lars            sgd
+=================  ===========  ===========  ===========  ==============  ===============
+
+Periods: every period is `<name>_steps` or `<name>_epochs` (a float), resolved by `period_steps`
+(log_every, checkpoint_every, and each entry of `evals`: every_steps / every_epochs).
 
 Keys carry the official scripts' flag names wherever one exists (``temperature``, ``dt_m``,
 ``queue_size``, ``base_tau_momentum``, ``lr``, ``min_scale`` ...). ``dt_m = 1`` *is* InfoNCE: the
@@ -19,6 +26,7 @@ dual-temperature weight is then exactly 1.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 _DTYPES = ("auto", "float32", "bfloat16")
 _BACKBONES = ("resnet18", "resnet50")
@@ -46,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.cifar_stem = True
     c.proj_hidden_dim = 128
     c.proj_output_dim = 128
+    c.projector = "mlp"  # 'mlp' (MoCo v2, SimCo) | 'mlp_bn' (BYOL) | 'mlp3_bn' (SimSiam)
+    c.predictor = False  # BYOL/SimSiam: an MLP on the online branch predicts the target
+    c.pred_hidden_dim = 4096  # BYOL 4096, SimSiam 512
 
     # The contrastive method (spec §2): SimCo by default.
     c.momentum_encoder = False
@@ -55,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.temperature = 0.1  # tau_alpha
     c.dt_m = 10.0  # tau_beta / tau_alpha; 1.0 = plain InfoNCE
     c.symmetric = True
+    # 'contrastive' (dual-temperature InfoNCE) | 'normalized_mse' (BYOL) | 'negative_cosine'
+    # (SimSiam); the negative-free losses stop the gradient of online targets.
+    c.loss = "contrastive"
 
     # Per-device semantics of a multi-GPU PyTorch run, for reproducing them (default: global batch).
     c.bn_groups = 1  # BatchNorm statistics over this many equal sub-batches.
@@ -73,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_start_lr = 0.003
     c.min_lr = 0.0
     c.lr_schedule_unit = "epoch"  # the official code steps the schedule once per epoch
+    c.optimizer = "sgd"  # 'sgd' | 'lars' (solo-learn's LARS; see simco_jax/optimizers.py)
+    c.lars_eta = 0.02  # trust coefficient (solo-learn's CIFAR recipes)
+    c.lars_clip_lr = True  # trust ratio capped so that no layer's lr exceeds the global lr
+    c.lars_exclude_bias_n_norm = True  # biases and BN: plain SGD, no weight decay
 
     # Augmentation (spec §3), official flag names.
     c.crop_size = 32
@@ -90,24 +108,85 @@ def base_config() -> ml_collections.ConfigDict:
     c.mean = (0.4914, 0.4822, 0.4465)
     c.std = (0.247, 0.243, 0.261)
 
-    # Evaluation: online probe every `eval_every_epochs`, plus a cosine kNN on clean features.
+    # Evaluation (as big_vision's config.evals): name -> type and period. A type is a built-in
+    # ('probe': the online probe's top-1/5 on the test set; 'knn': a cosine kNN on clean
+    # features) or an importable module path whose module defines `Evaluator` (see
+    # simco_jax/evaluate.py). Each entry's period is every_steps or every_epochs; the built-ins
+    # without one use eval_every_epochs / knn_every_epochs. A period <= 0 disables an entry.
+    # Every entry also runs after the last step. Metrics are written as <name>_<metric>.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.probe = _eval_entry("probe")
+    c.evals.knn = _eval_entry("knn")
     c.eval_every_epochs = 1
+    c.knn_every_epochs = 10  # 0 disables the kNN monitor
     c.knn_k = 200
     c.knn_temperature = 0.1
-    c.knn_every_epochs = 10  # 0 disables the kNN monitor
     c.eval_batch_size = 1024
 
     # Runtime.
     c.seed = 15
     c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
     c.steps_per_dispatch = 8  # train steps fused into one jitted lax.scan
-    c.log_every_steps = 50
-    c.checkpoint_every_steps = 1000  # plus one at the end and one on SIGTERM
+    c.log_every_steps = 50  # or log_every_epochs
+    c.log_every_epochs = config_dict.placeholder(float)
+    c.checkpoint_every_steps = 1000  # or checkpoint_every_epochs; plus the end and on SIGTERM
+    c.checkpoint_every_epochs = config_dict.placeholder(float)
     c.keep_checkpoints = 3
     c.max_steps = (
         -1
     )  # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs
     return c
+
+
+def _eval_entry(kind: str, **extra) -> ml_collections.ConfigDict:
+    """One `evals` entry: its type and its period (unset: the type's default period)."""
+    entry = ml_collections.ConfigDict(
+        dict(
+            type=kind,
+            every_steps=config_dict.placeholder(int),
+            every_epochs=config_dict.placeholder(float),
+        )
+    )
+    entry.update(extra)
+    return entry
+
+
+# The period of a built-in evaluator whose entry gives none (the keys of earlier releases).
+DEFAULT_EVAL_PERIODS = {"probe": "eval_every_epochs", "knn": "knn_every_epochs"}
+
+
+def period_steps(config, name: str, steps_per_epoch: int, *, default_epochs=None) -> int:
+    """The period `<name>_steps` or `<name>_epochs` of `config`, in steps; <= 0 means never.
+
+    The one place where a duration's unit is resolved: an epoch count (a float: 0.5 is half an
+    epoch) becomes round(epochs · steps_per_epoch) steps, at least 1. A `_epochs` value replaces
+    a top-level `_steps` value left at its default (so --config.log_every_epochs=1 just works);
+    any other pair of both spellings is an error. Neither set: `default_epochs`, else never.
+    """
+    steps, epochs = config.get(f"{name}_steps"), config.get(f"{name}_epochs")
+    if epochs is not None:
+        # Top-level periods (this config holds `evals`) have a default in steps.
+        default_steps = base_config().get(f"{name}_steps") if "evals" in config else None
+        if steps is not None and steps != default_steps:
+            raise ConfigError(
+                f"{name}_steps={steps} and {name}_epochs={epochs} are both set; set only one"
+            )
+        return max(round(epochs * steps_per_epoch), 1) if epochs > 0 else 0
+    if steps is not None:
+        return steps
+    if default_epochs is None:
+        return 0
+    return max(round(default_epochs * steps_per_epoch), 1) if default_epochs > 0 else 0
+
+
+def eval_periods(config, steps_per_epoch: int) -> dict:
+    """{eval name: period in steps} for every entry of config.evals (<= 0: disabled)."""
+    periods = {}
+    for name, entry in config.evals.items():
+        default = DEFAULT_EVAL_PERIODS.get(entry.type)
+        default_epochs = config[default] if default else None
+        periods[name] = period_steps(entry, "every", steps_per_epoch, default_epochs=default_epochs)
+    return periods
 
 
 def smoke_overrides() -> dict:
@@ -121,6 +200,7 @@ def smoke_overrides() -> dict:
         backbone_width=4,
         proj_hidden_dim=16,
         proj_output_dim=16,
+        pred_hidden_dim=16,
         batch_size=32,
         max_epochs=2,
         warmup_epochs=1,
@@ -168,6 +248,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         check_positive(key)
     for key in ("steps_per_dispatch", "log_every_steps", "checkpoint_every_steps", "knn_k"):
         check_positive(key)
+    for key in ("log_every_epochs", "checkpoint_every_epochs"):
+        if config[key] is not None and not config[key] > 0:
+            fail(f"{key} must be > 0 when set, got {config[key]!r}")
+    _validate_method(config, fail)
     for key in ("momentum", "base_tau_momentum", "final_tau_momentum"):
         if not 0.0 <= config[key] <= 1.0:
             fail(f"{key} must lie in [0, 1], got {config[key]!r}")
@@ -227,3 +311,39 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         fail("eval_batch_size must be >= 1")
     if config.dataset == "npz" and not config.data_path:
         fail("dataset='npz' needs --config.data_path=/path/to/arrays.npz")
+
+
+def _validate_method(config, fail) -> None:
+    """The keys of the method seam (simco_jax/methods.py), the optimizer and the evaluators."""
+    from simco_jax import evaluate, methods, models, optimizers  # noqa: PLC0415 - no cycle
+
+    for key, allowed in (
+        ("loss", tuple(methods.LOSSES)),
+        ("projector", models.PROJECTORS),
+        ("optimizer", optimizers.OPTIMIZERS),
+    ):
+        if config[key] not in allowed:
+            fail(f"{key} must be one of {allowed}, got {config[key]!r}")
+    if config.predictor and not config.pred_hidden_dim > 0:
+        fail(f"predictor=True needs pred_hidden_dim > 0, got {config.pred_hidden_dim!r}")
+    if not config.lars_eta > 0:
+        fail(f"lars_eta must be > 0, got {config.lars_eta!r}")
+    if not methods.LOSSES[config.loss].uses_negatives:
+        if config.queue_size:
+            fail(f"loss={config.loss!r} uses no negatives; set queue_size=0")
+        if config.negative_groups != 1:
+            fail(f"loss={config.loss!r} uses no negatives; set negative_groups=1")
+    for name, entry in config.evals.items():
+        if "type" not in entry:
+            fail(f"evals.{name} needs a type: one of {sorted(evaluate.EVALUATORS)} or a module")
+        try:
+            evaluate.evaluator_class(entry.type)
+        except (ImportError, AttributeError) as error:
+            fail(
+                f"evals.{name}.type={entry.type!r} is neither a built-in evaluator "
+                f"{sorted(evaluate.EVALUATORS)} nor an importable module with an Evaluator "
+                f"class ({error})"
+            )
+        period_steps(entry, "every", 1)  # both spellings set to different periods fail here
+    period_steps(config, "log_every", 1)
+    period_steps(config, "checkpoint_every", 1)

@@ -1,11 +1,22 @@
 """Evaluation on clean (only normalised) images: the online probe's accuracy and a kNN monitor.
 
-Top-1 of the online probe over the whole test set is the paper's headline metric (spec §4). The
-kNN monitor is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest
-vote with weights exp(sim / T).
+Top-1 of the online probe over the whole test set is the paper's headline metric. The kNN monitor
+is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest vote with
+weights exp(sim / T).
+
+The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
+`type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
+`run(state) -> {metric: float}` when the period comes, writing `<entry name>_<metric>`. A type is
+a key of `EVALUATORS` or the import path of a module that defines a class `Evaluator` with that
+constructor and `run`: a new evaluator is one module plus one config entry, e.g.
+
+    config.evals.feature_norm = dict(type="my_project.feature_norm", every_epochs=5)
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +117,19 @@ class Evaluator:
         return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
 
     def probe_accuracy(self, state) -> dict:
+        """{'probe_top1', 'probe_top5'}: the online probe on the test set, in %."""
+        return {f"probe_{k}": v for k, v in self.probe_topk(state).items()}
+
+    def knn_accuracy(self, state) -> dict:
+        """{'knn_top1', 'knn_top5'}: the kNN monitor on the test set, in %."""
+        return {f"knn_{k}": v for k, v in self.knn_topk(state).items()}
+
+    def features(self, state, images) -> jax.Array:
+        """Clean features of `images` (a padded device array of this evaluator), replicated."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return jnp.concatenate([self._features(variables, images, s) for s in self._starts(images)])
+
+    def probe_topk(self, state) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.test
         totals = {"top1": 0, "top5": 0}
@@ -113,7 +137,7 @@ class Evaluator:
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
-        return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
+        return {k: 100.0 * v / self.num_test for k, v in totals.items()}
 
     def _normalized_features(self, variables, images):
         feats = jnp.concatenate(
@@ -121,7 +145,7 @@ class Evaluator:
         )
         return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
 
-    def knn_accuracy(self, state) -> dict:
+    def knn_topk(self, state) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         train_feats = self._normalized_features(variables, self.train[0])
         test_feats = self._normalized_features(variables, self.test[0])
@@ -131,4 +155,54 @@ class Evaluator:
                 self._knn_counts(train_feats, self.train[1], test_feats, self.test[1], start)
             )
             totals = {k: totals[k] + int(counts[k]) for k in totals}
-        return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
+        return {k: 100.0 * v / self.num_test for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------- the evaluator registry
+
+
+class Context(NamedTuple):
+    """What an evaluator is built from, once per run."""
+
+    config: Any
+    comps: Any  # train_step.Components: model, probe, method ...
+    dataset: Any  # data.Dataset (host arrays)
+    mesh: Any
+    data: Evaluator  # the test/train images on the device and the jitted feature function
+
+
+class ProbeEvaluator:
+    """'probe': top-1/top-5 of the online linear probe on the whole test set."""
+
+    def __init__(self, context: Context, entry):
+        self.data = context.data
+
+    def run(self, state) -> dict:
+        return self.data.probe_topk(state)
+
+
+class KnnEvaluator:
+    """'knn': top-1/top-5 of the cosine kNN monitor (k = config.knn_k, T = knn_temperature)."""
+
+    def __init__(self, context: Context, entry):
+        self.data = context.data
+
+    def run(self, state) -> dict:
+        return self.data.knn_topk(state)
+
+
+EVALUATORS = {"probe": ProbeEvaluator, "knn": KnnEvaluator}
+
+
+def evaluator_class(kind: str):
+    """A built-in evaluator's class, or `Evaluator` of the module importable as `kind`."""
+    if kind in EVALUATORS:
+        return EVALUATORS[kind]
+    return importlib.import_module(kind).Evaluator
+
+
+def make_evaluators(config, context: Context) -> dict:
+    """{name: evaluator} for every entry of config.evals."""
+    return {
+        name: evaluator_class(entry.type)(context, entry) for name, entry in config.evals.items()
+    }

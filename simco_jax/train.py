@@ -124,8 +124,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    evaluator = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
+
+    # ---------------------------------------------------------------- evaluators and periods
+    eval_data = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
+    context = evaluate.Context(config, comps, dataset, mesh, eval_data)
+    evaluators = evaluate.make_evaluators(config, context)
+    eval_every = config_lib.eval_periods(config, steps_per_epoch)  # name -> steps (<= 0: never)
+    log_every = config_lib.period_steps(config, "log_every", steps_per_epoch)
+    checkpoint_every = config_lib.period_steps(config, "checkpoint_every", steps_per_epoch)
+
+    def next_multiple(step, period):
+        return (step // period + 1) * period
 
     # ---------------------------------------------------------------- train loop
     writer = writers.MetricWriter(workdir, enabled=main)
@@ -164,17 +174,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     try:
         while step < total_steps:
-            next_epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
-            next_checkpoint = (
-                step // config.checkpoint_every_steps + 1
-            ) * config.checkpoint_every_steps
-            stop_at = min(next_epoch_end, next_checkpoint, total_steps)
+            # A chunk ends where the host has work: an epoch end, a checkpoint, an evaluation.
+            periods = [
+                steps_per_epoch,
+                checkpoint_every,
+                *(p for p in eval_every.values() if p > 0),
+            ]
+            stop_at = min(total_steps, *(next_multiple(step, p) for p in periods))
             state, metrics = chunk(state, train_images, train_labels, np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
 
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
-            if step // config.log_every_steps > last_log // config.log_every_steps or epoch_done:
+            if step // log_every > last_log // log_every or epoch_done:
                 means = drain_metrics(step)
                 means.update(progress.update(step))
                 means["epoch"] = step / steps_per_epoch
@@ -196,19 +208,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     )
                 summary.update(means)
 
-            epoch = step // steps_per_epoch
             final = step == total_steps
-            if epoch_done and (epoch % config.eval_every_epochs == 0 or final):
-                results = evaluator.probe_accuracy(state)
-                knn_every = config.knn_every_epochs
-                if knn_every > 0 and (epoch % knn_every == 0 or final):
-                    results.update(evaluator.knn_accuracy(state))
+            results = {}
+            for name, evaluator in evaluators.items():
+                period = eval_every[name]
+                if period > 0 and (step % period == 0 or final):
+                    results.update({f"{name}_{k}": v for k, v in evaluator.run(state).items()})
+            if results:
                 writer.write(step, results)
                 summary.update(results)
                 if main:
-                    log.info("eval at epoch %d: %s", epoch, json.dumps(results))
+                    log.info("eval at epoch %g: %s", step / steps_per_epoch, json.dumps(results))
                 progress = writers.Progress(total_steps, config.batch_size, step)  # exclude eval
-            if step % config.checkpoint_every_steps == 0 or final:
+            if step % checkpoint_every == 0 or final:
                 save(step)
             # Multi-host: SIGTERM may reach the processes at different steps, and all must stop
             # at the same one (the save is collective). They agree where the loop waits for the
