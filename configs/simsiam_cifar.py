@@ -9,7 +9,8 @@ method and optimizer settings are solo-learn's CIFAR recipe, scripts/pretrain/ci
 512, SGD lr 0.5 (× batch/256), weight decay 1e-5, classifier lr 0.1. Backbone, augmentation, lr
 schedule (10 warm-up epochs, stepped per epoch), 200 epochs and evaluation stay those of the SimCo
 configs, so that the five frameworks differ only in their method settings (solo-learn's recipe
-trains 1000 epochs with a per-step schedule and keeps the predictor's lr fixed).
+trains 1000 epochs with a per-step schedule). The predictor's lr stays at its peak (SimSiam §4.2,
+solo-learn's `static_lr`).
 Variants: `:cifar10`, `:smoke` (a tiny network on synthetic data, no download), `:smoke,cifar10`.
 """
 
@@ -25,6 +26,7 @@ def get_config(arg=None):
     config.loss = "negative_cosine"
     config.predictor = True
     config.pred_hidden_dim = 512
+    config.pred_fixed_lr = True
     config.projector = "mlp3_bn"
     config.proj_hidden_dim = 2048
     config.proj_output_dim = 2048

@@ -33,11 +33,18 @@ COMPATIBILITY_KEYS = (
     "projector",
     "predictor",
     "pred_hidden_dim",
+    "pred_fixed_lr",
     "optimizer",
 )
 # Keys added to the record after checkpoints were first written, with the value every run before
 # them had: a checkpoint whose record lacks one is read as having this value.
-ADDED_KEYS = {"projector": "mlp", "predictor": False, "pred_hidden_dim": 0, "optimizer": "sgd"}
+ADDED_KEYS = {
+    "projector": "mlp",
+    "predictor": False,
+    "pred_hidden_dim": 0,
+    "pred_fixed_lr": False,
+    "optimizer": "sgd",
+}
 
 
 class CheckpointError(RuntimeError):
@@ -46,8 +53,8 @@ class CheckpointError(RuntimeError):
 
 def compatibility_record(config, num_classes: int) -> dict:
     record = {key: config.get(key, ADDED_KEYS.get(key)) for key in COMPATIBILITY_KEYS}
-    if not record["predictor"]:  # the predictor's size shapes nothing without one
-        record["pred_hidden_dim"] = 0
+    if not record["predictor"]:  # the predictor's settings shape nothing without one
+        record["pred_hidden_dim"], record["pred_fixed_lr"] = 0, False
     record["num_classes"] = num_classes
     return record
 

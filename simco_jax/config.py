@@ -11,6 +11,7 @@ dt_m               1.0          10.0         10.0         (unused)        (unuse
 symmetric          False        False        True         True            True
 loss               contrastive  contrastive  contrastive  normalized_mse  negative_cosine
 predictor          False        False        False        True (4096)     True (512)
+pred_fixed_lr      -            -            -            False           True
 projector          mlp          mlp          mlp          mlp_bn          mlp3_bn
 optimizer          sgd          sgd          sgd          lars            sgd
 =================  ===========  ===========  ===========  ==============  ===============
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.projector = "mlp"  # 'mlp' (MoCo v2, SimCo) | 'mlp_bn' (BYOL) | 'mlp3_bn' (SimSiam)
     c.predictor = False  # BYOL/SimSiam: an MLP on the online branch predicts the target
     c.pred_hidden_dim = 4096  # BYOL 4096, SimSiam 512
+    c.pred_fixed_lr = False  # SimSiam: the predictor keeps the peak lr (no warm-up, no decay)
 
     # The contrastive method (spec §2): SimCo by default.
     c.momentum_encoder = False

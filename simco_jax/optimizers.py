@@ -12,8 +12,23 @@ import optax
 OPTIMIZERS = ("sgd", "lars")
 
 
-def make_optimizer(config, learning_rate) -> optax.GradientTransformation:
-    """The optimizer of `config.optimizer` at the schedule `learning_rate(step)`."""
+def make_optimizer(config, learning_rate, base_lr: float) -> optax.GradientTransformation:
+    """The optimizer of `config.optimizer` at the schedule `learning_rate(step)`.
+
+    With `pred_fixed_lr` the predictor keeps `base_lr` (the schedule's peak) throughout (SimSiam,
+    Chen & He 2021, §4.2, "fixing the learning rate of the predictor"; solo-learn's `static_lr`).
+    """
+    if config.predictor and config.pred_fixed_lr:
+        transforms = {
+            "scheduled": _optimizer(config, learning_rate),
+            "fixed": _optimizer(config, base_lr),
+        }
+        labels = lambda params: {k: "fixed" if k == "predictor" else "scheduled" for k in params}
+        return optax.multi_transform(transforms, labels)
+    return _optimizer(config, learning_rate)
+
+
+def _optimizer(config, learning_rate) -> optax.GradientTransformation:
     if config.optimizer == "sgd":
         # Coupled weight decay (g + wd·θ, as torch.optim.SGD) on every encoder/projector parameter.
         return optax.chain(

@@ -92,7 +92,7 @@ def build_components(config, num_classes: int, steps_per_epoch: int) -> Componen
     return Components(
         model=model,
         probe=models.LinearProbe(num_classes),
-        tx=optimizers.make_optimizer(config, lr_schedule(lr)),
+        tx=optimizers.make_optimizer(config, lr_schedule(lr), lr),
         probe_tx=probe_tx,
         lr_schedule=lr_schedule(lr),
         aug=augment.AugmentParams.from_config(config),

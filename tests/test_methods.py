@@ -266,6 +266,26 @@ def test_simsiam_projector_ends_in_batch_norm_without_affine():
     assert state.momentum_params is None and state.queue is None
 
 
+@pytest.mark.parametrize(
+    "framework, overrides",
+    [
+        ("mocov2", dict(queue_size=64, predictor=True)),  # MoCo with a predictor (as MoCo v3)
+        ("simco", dict(optimizer="lars")),
+        ("simsiam", dict(momentum_encoder=True, loss="normalized_mse")),  # BYOL-like SimSiam
+    ],
+)
+def test_mixes_of_parts_train(framework, overrides):
+    config = framework_config(framework, **overrides)
+    config_lib.validate(config)
+    _, state, step, images, labels = _setup(config)
+    for _ in range(2):
+        new_state, metrics = step(state, images, labels)
+        assert np.isfinite(float(metrics["loss"]))
+        changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+        assert any(jax.tree.leaves(changed))
+        state = new_state
+
+
 # ---------------------------------------------------------------------------------------------
 # LARS.
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +355,29 @@ def test_lars_matches_solo_learn_numpy(clip, exclude):
     for name in params:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(got["zero"], expected["zero"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_simsiam_predictor_keeps_the_peak_lr(optimizer):
+    config = framework_config("simsiam", optimizer=optimizer, weight_decay=0.1)
+    assert config.pred_fixed_lr
+    params = {"backbone": {"kernel": jnp.ones((2, 2))}, "predictor": {"kernel": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    zero_schedule = lambda count: jnp.zeros((), jnp.float32)  # as at the start of a warm-up from 0
+    tx = optimizers.make_optimizer(config, zero_schedule, 2.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["backbone"]["kernel"], 0.0)
+    # The predictor steps with lr 2: SGD −2·(g + wd·p); LARS (trust ratio clipped at 1 by lr 2:
+    # 0.02·2/(1 + 0.2) / 2 < 1) scales by it.
+    expected = -2.0 * (0.5 + 0.1) * np.ones((2, 2))
+    if optimizer == "lars":
+        expected *= 0.02 * 2.0 / (1.0 + 0.1 * 2.0 + 1e-8) / 2.0
+    np.testing.assert_allclose(updates["predictor"]["kernel"], expected, rtol=1e-6)
+    no_fixed = optimizers.make_optimizer(
+        framework_config("simsiam", pred_fixed_lr=False), zero_schedule, 2.0
+    )
+    updates, _ = no_fixed.update(grads, no_fixed.init(params), params)
+    np.testing.assert_array_equal(updates["predictor"]["kernel"], 0.0)
 
 
 def test_optax_lars_is_not_solo_learns():
