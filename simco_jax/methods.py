@@ -9,17 +9,18 @@ Every framework is the same step (`train_step.make_train_step`), read top to bot
     loss:      L(q1, k2) one way, or w·(L(q1, k2) + L(q2, k1)) [symmetric]
     after the optimizer: EMA of the momentum encoder, then this step's keys enter the queue
 
-`make_method(config, model)` picks each part once, from the config keys, and returns them as a
-`Method`: the step calls its functions and never branches on a framework. Each idea of a paper
-lives in one place here (or in the module named):
+`make_method` picks each part once, from the config keys, and returns them as a `Method`: the
+step calls its functions and never branches on a framework. Each idea of a paper lives in one
+place here (or in the module named):
 
-    momentum encoder and its EMA (MoCo, BYOL) ....... `_momentum_targets`, `_ema`
+    momentum encoder and its EMA (MoCo, BYOL) ....... `_momentum_targets`, `post_update`
     ShuffleBN (MoCo) ................................ `shuffled_encode`
-    queue of past keys as negatives (MoCo) .......... `_queue_negatives`, `enqueue`
+    queue of past keys as negatives (MoCo) .......... `_queue_negatives`, `enqueue`, `post_update`
     dual temperature (SimCo, SimMoCo) ............... `LOSSES['contrastive']` (`losses`)
     normalised MSE (BYOL), negative cosine (SimSiam)  `LOSSES['normalized_mse' | 'negative_cosine']`
     stop-gradient on online targets (SimSiam) ....... `Loss.stop_gradient_targets`
     predictor on the online branch (BYOL, SimSiam) .. `models.Predictor` (config.predictor)
+    its fixed lr (SimSiam); LARS (BYOL) ............. `optimizers`
 
 Adding a framework is a config file when it is a mix of these parts; a new part (a loss, a kind of
 target) is one entry here. The state a method keeps (momentum encoder, queue) stays in the
