@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -410,3 +411,61 @@ def test_same_config_and_seed_give_the_same_bits(reference, tmp_path):
         _assert_trees_equal(
             _saved_state(tmp_path / "again", step), _saved_state(reference[0], step)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The step against the official code.
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_step_setup(config):
+    from simco_jax import train_step
+
+    dataset = data.load_dataset(config)
+    comps = train_step.build_components(config, dataset.num_classes, 8)
+    state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
+    images = jnp.asarray(dataset.train_images[: config.batch_size])
+    labels = jnp.asarray(dataset.train_labels[: config.batch_size], jnp.int32)
+    return comps, state, images, labels
+
+
+def test_the_whole_step_runs_under_x64():
+    # The losses support float64; so must the step, the queue's ring buffer included (an int32
+    # pointer met an int64 literal in dynamic_update_slice).
+    from simco_jax import train_step
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        config = framework_config("mocov2", "smoke", queue_size=64)
+        comps, state, images, labels = _one_step_setup(config)
+        new_state, metrics = jax.jit(train_step.make_train_step(config, comps))(
+            state, images, labels
+        )
+        assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+        assert int(new_state.queue_ptr) == config.batch_size
+        assert not np.array_equal(new_state.queue[:32], state.queue[:32])
+        np.testing.assert_array_equal(new_state.queue[32:], state.queue[32:])
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def test_one_way_key_encoder_sees_both_views_as_the_official_code():
+    # MoCo v2 / SimMoCo read only k2, but the official code runs the key encoder on both views:
+    # its BatchNorm running statistics are those of view 1's pass followed by view 2's.
+    from simco_jax import augment, train_step
+
+    config = framework_config("simmoco", "smoke")
+    comps, state, images, labels = _one_step_setup(config)
+    new_state, _ = jax.jit(train_step.make_train_step(config, comps))(state, images, labels)
+
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, train_step._STEP_STREAM), state.step)
+    view1, view2 = augment.two_views(jax.random.split(rng)[0], images, comps.aug)
+    stats = state.momentum_batch_stats
+    for view in (view1, view2):
+        _, _, stats = train_step.encode(comps.model, state.momentum_params, stats, view)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        new_state.momentum_batch_stats,
+        stats,
+    )
