@@ -136,6 +136,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = start_step
     last_log = start_step
 
+    def last_good():
+        latest = ckpt.latest_step()
+        if latest is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint, step {latest}, is intact"
+
     def drain_metrics(step):
         """Fetches pending metrics, stops on a non-finite loss, returns their mean."""
         fetched = parallel.to_host(pending)
@@ -144,11 +150,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return {}
         active = np.concatenate([m.pop("active") for m in fetched])
         stacked = {k: np.concatenate([m[k] for m in fetched])[active] for k in fetched[0]}
-        if not np.all(np.isfinite(stacked["loss"])):
+        # Every logged value, the probe's loss included: a diverged probe is as unusable.
+        diverged = [k for k, v in stacked.items() if not np.all(np.isfinite(v))]
+        if diverged:
             raise NonFiniteLossError(
-                f"the loss became non-finite by step {step}; stopping without checkpointing "
-                f"(the last good checkpoint, step {ckpt.latest_step()}, is intact). Lower lr or "
-                "temperature, or use dtype=float32."
+                f"{' and '.join(diverged)} became non-finite by step {step}; stopping without "
+                f"checkpointing ({last_good()}). Lower lr, classifier_lr or temperature, or use "
+                "dtype=float32."
             )
         return {k: float(np.mean(v)) for k, v in stacked.items()}
 
@@ -157,8 +165,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not parallel.to_host(state_is_finite(state)):  # ... nor one whose last update blew up
             raise NonFiniteLossError(
                 f"the train state became non-finite at step {step} while the losses were still "
-                f"finite; stopping without checkpointing (the last good checkpoint, step "
-                f"{ckpt.latest_step()}, is intact). Lower lr or temperature, or use dtype=float32."
+                f"finite; stopping without checkpointing ({last_good()}). Lower lr or "
+                "temperature, or use dtype=float32."
             )
         ckpt.save(step, state)
 

@@ -89,11 +89,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(momentum=1.5), r"momentum must lie in \[0, 1\], got 1.5"),
-        (dict(momentum=-0.1), r"momentum must lie in \[0, 1\], got -0.1"),
-        (dict(temperature=-0.1), "temperature must be > 0, got -0.1"),
-        (dict(dt_m=0.0), "dt_m must be > 0, got 0.0"),
-        (dict(temperature=float("nan")), "temperature must be > 0, got nan"),
+        (dict(momentum=1.5), r"momentum must be a finite number in \[0, 1\), got 1.5"),
+        (dict(momentum=-0.1), r"momentum must be a finite number in \[0, 1\), got -0.1"),
+        (dict(temperature=-0.1), "temperature must be a finite number > 0, got -0.1"),
+        (dict(dt_m=0.0), "dt_m must be a finite number > 0, got 0.0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
         (dict(queue_size=48), "queue_size=48 must be a multiple of the global batch_size=32"),
     ],
 )
@@ -352,26 +352,57 @@ def test_corrupted_and_partial_checkpoints_fall_back_with_a_warning(reference, t
     _assert_trees_equal(_saved_state(workdir), _saved_state(reference[0]))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    # lr 1e30 after a warm-up epoch at warmup_start_lr: the loss explodes in the second epoch.
-    config = _config(max_epochs=2, lr=1e30)
+def _diverge_from(monkeypatch, metric, first_bad_step):
+    """Makes the step report `metric` as NaN from `first_bad_step` on: a divergence on demand
+    (the lr that would force one is now outside its domain)."""
+    from simco_jax import train_step
+
+    make = train_step.make_train_step
+
+    def make_diverging(config, comps):
+        step_fn = make(config, comps)
+
+        def step(state, images, labels):
+            new_state, metrics = step_fn(state, images, labels)
+            bad = state.step >= first_bad_step
+            return new_state, {**metrics, metric: jnp.where(bad, jnp.nan, metrics[metric])}
+
+        return step
+
+    monkeypatch.setattr(train_step, "make_train_step", make_diverging)
+
+
+@pytest.mark.parametrize(
+    "metric, first_bad_step, last_good",
+    [
+        ("loss", 9, "the last good checkpoint, step 8, is intact"),
+        # The probe's loss is guarded too; before the first checkpoint no step is named.
+        ("probe_loss", 1, "no checkpoint was written yet"),
+    ],
+)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    metric, first_bad_step, last_good, tmp_path, monkeypatch
+):
+    _diverge_from(monkeypatch, metric, first_bad_step)
     workdir = tmp_path / "run"
     with pytest.raises(train.NonFiniteLossError) as raised:
-        train.train_and_evaluate(config, str(workdir))
-    match = re.search(
-        r"non-finite by step (\d+); stopping without checkpointing \(the last good checkpoint, "
-        r"step (\d+), is intact\). Lower lr",
-        str(raised.value),
+        train.train_and_evaluate(_config(max_epochs=2), str(workdir))
+    message = str(raised.value)
+    match = re.fullmatch(
+        rf"{metric} became non-finite by step (\d+); stopping without checkpointing "
+        rf"\({last_good}\)\. Lower lr, classifier_lr or temperature, or use dtype=float32\.",
+        message,
     )
-    assert match, str(raised.value)
-    bad_step, good_step = int(match[1]), int(match[2])
+    assert match, message
+    assert "None" not in message
     steps = _steps(workdir)
-    assert steps and steps[-1] == good_step < bad_step  # nothing saved at or after the NaN
-    saved = _saved_state(workdir)
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved) if x.dtype.kind == "f")
-    assert int(saved["step"]) == good_step
-    losses = [r["loss"] for r in writers.read_metrics(str(workdir)) if "loss" in r]
-    assert losses and np.all(np.isfinite(losses))  # the diverged chunk was never logged
+    assert steps == ([4, 8] if metric == "loss" else [])  # nothing saved at or after the NaN
+    if steps:
+        saved = _saved_state(workdir)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved) if x.dtype.kind == "f")
+        assert int(saved["step"]) == 8 < int(match[1])
+    logged = [r[metric] for r in writers.read_metrics(str(workdir)) if metric in r]
+    assert np.all(np.isfinite(logged))  # the diverged chunk was never logged
 
 
 def test_preemption_right_after_a_periodic_checkpoint_saves_once(tmp_path):
