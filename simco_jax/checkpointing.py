@@ -72,7 +72,7 @@ def data_identity(images, labels) -> str:
     return f"{len(labels)} images of {tuple(images.shape[1:])}, crc32 {crc:08x}"
 
 
-def compatibility_record(config, *, num_classes=None, steps_per_epoch=None, train_data=None):
+def compatibility_record(config, num_classes=None, *, steps_per_epoch=None, train_data=None):
     """The config (JSON values) and what the data made of it; saved beside every checkpoint.
 
     Without the data facts (None), it is the part that can be checked before loading any data.

@@ -823,6 +823,7 @@ def test_unwritable_checkpoint_directory_fails_the_save_in_one_line(tmp_path, fs
     assert _steps(tmp_path) == [4]
 
 
+@pytest.mark.slow  # ~2 min; in-process: the lock, the Ctrl-C handler, the stop-and-save path
 def test_a_second_run_fails_at_once_and_ctrl_c_checkpoints(tmp_path):
     # A long run (8,000 steps) that the test stops: it must not finish on its own first.
     long = dict(
