@@ -15,13 +15,19 @@ log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    """Appends to metrics.jsonl; `resume_step` first drops the records of steps after it (a run
+    killed after logging them re-runs those steps from its last checkpoint)."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            _truncate_after(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
 
@@ -53,11 +59,38 @@ def _plain(value):
         return value
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """All records of a run's metrics.jsonl (for tests, notebooks and sweeps)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+def _truncate_after(path: str, step: int) -> None:
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
+        return 2**62
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """One record per step, in step order, from a run's metrics.jsonl (for tests, notebooks and
+    sweeps). A step's records (training means, evaluation) are merged; a key written twice for a
+    step (a step re-run after a kill) keeps its last value. A line cut short is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    merged: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            merged.setdefault(int(record["step"]), {}).update(record)
+    return [merged[step] for step in sorted(merged)]
 
 
 class Progress:
