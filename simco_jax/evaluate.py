@@ -114,6 +114,7 @@ class Evaluator:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.test
         starts = self._starts(images)
+        report(0, len(starts))
         totals = {"top1": 0, "top5": 0}
         for done, start in enumerate(starts, 1):
             feats = self._features(variables, images, start)
@@ -122,11 +123,11 @@ class Evaluator:
             report(done, len(starts))
         return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def _normalized_features(self, variables, images, report):
+    def _normalized_features(self, variables, images, batch_done):
         batches = []
         for start in self._starts(images):
             batches.append(self._features(variables, images, start))
-            report(batches[-1])
+            batch_done(batches[-1])
         feats = jnp.concatenate(batches)
         return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
 
@@ -137,6 +138,7 @@ class Evaluator:
         test_starts = self._starts(self.test[0])
         total = len(self._starts(self.train[0])) + 2 * len(test_starts)
         done = 0
+        report(done, total)
 
         def batch_done(result):
             nonlocal done

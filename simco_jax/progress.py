@@ -192,12 +192,15 @@ class EvalProgress:
         self.task = None
 
     def __call__(self, done: int, total: int) -> None:
-        self.rate.update(done)
+        """`done` of `total` batches have finished; 0 shows the line before the first."""
         self.total = total
         if self.task is None:
             self.task = Task(
                 self.description, total, enabled=self.enabled, clock=self.clock, started=self.start
             )
+        if not done:
+            return
+        self.rate.update(done)
         per_s = self.rate.per_s
         eta = (total - done) / per_s if per_s else math.nan
         rate = f"{per_s:.1f} batches/s" if per_s else "? batches/s"

@@ -93,6 +93,7 @@ def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog
     assert display.timing() == {"images_per_s": 64.0, "eta_s": 16.0}
 
     with display.evaluation("probe", epoch=1) as report:
+        report(0, 3)  # the line appears before the first batch
         for done, clock.now in ((1, 112.0), (2, 113.0), (3, 114.0)):  # first batch compiles
             report(done, 3)
     with display.evaluation("knn", epoch=1) as report:
