@@ -250,7 +250,9 @@ def _train_linear(
     main = parallel.is_main_process()
     writer = writers.MetricWriter(workdir, enabled=main)
     rate = progress.Rate()
-    task = progress.Task("linear eval", total_steps, enabled=main)
+    task = progress.Task(
+        "linear eval", total_steps, enabled=main, status="(the first steps compile)"
+    )
     losses, accuracies = [], []
     shown = ""  # the last logged loss and accuracy
     knn_images = len(dataset.train_labels) + len(dataset.test_labels) if knn_follows else 0

@@ -134,6 +134,7 @@ class Task:
         clock=time.perf_counter,
         interval_s: float = PLAIN_INTERVAL_S,
         started: float | None = None,
+        status: str = "",
     ):
         self.description, self.total, self.enabled = description, total, enabled
         self.clock, self.interval_s = clock, interval_s
@@ -147,7 +148,7 @@ class Task:
                 _open_live(console)
             _live["tasks"] += 1
             self._id = _live["progress"].add_task(
-                description, total=total, completed=completed, status="(starting: compiles first)"
+                description, total=total, completed=completed, status=status
             )
 
     @property
@@ -196,7 +197,12 @@ class EvalProgress:
         self.total = total
         if self.task is None:
             self.task = Task(
-                self.description, total, enabled=self.enabled, clock=self.clock, started=self.start
+                self.description,
+                total,
+                enabled=self.enabled,
+                clock=self.clock,
+                started=self.start,
+                status="(the first batch compiles)",
             )
         if not done:
             return
@@ -265,7 +271,14 @@ class TrainProgress:
         self.evaluated_at = {}  # kind -> step of its last run
         self.metrics = {}  # the last logged metrics
         self.step = start_step
-        self.task = Task("train", total_steps, completed=start_step, enabled=enabled, clock=clock)
+        self.task = Task(
+            "train",
+            total_steps,
+            completed=start_step,
+            enabled=enabled,
+            clock=clock,
+            status="(the first steps compile)",
+        )
 
     @property
     def images_per_s(self) -> float | None:

@@ -244,7 +244,11 @@ def main(argv=None) -> None:
         "--table_only", action="store_true", help="only rewrite the tables from existing runs"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    # force: importing Orbax already logged through absl, whose first log call before app.run
+    # installs logging's default handler (and format) on the root logger.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True
+    )
     logging.getLogger("simco_jax").setLevel(logging.INFO)  # our progress; libraries stay quiet
     sweep = load_sweep(args.sweep, args.variant)
     command = "python -m simco_jax.sweep " + " ".join(
