@@ -262,10 +262,10 @@ class TrainProgress:
         self.batch_size, self.max_epochs = config.batch_size, config.max_epochs
         self.enabled, self.clock = enabled, clock
         self.rate = Rate(clock)
-        self.eval_steps = {
-            "probe": eval_steps(total_steps, steps_per_epoch, config.eval_every_epochs),
-            "knn": eval_steps(total_steps, steps_per_epoch, config.knn_every_epochs),
-        }
+        probe = eval_steps(total_steps, steps_per_epoch, config.eval_every_epochs)
+        knn = eval_steps(total_steps, steps_per_epoch, config.knn_every_epochs)
+        # The trainer runs the kNN only at a probe evaluation.
+        self.eval_steps = {"probe": probe, "knn": sorted(set(knn) & set(probe))}
         self.eval_images = {"probe": num_test, "knn": num_train + num_test}
         self.eval_s = {}  # kind -> seconds of its last run, compile left out
         self.evaluated_at = {}  # kind -> step of its last run

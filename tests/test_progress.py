@@ -78,6 +78,14 @@ def test_eval_steps_are_the_trainers():
     assert progress.eval_steps(16, 8, 0) == []  # kNN off
 
 
+def test_knn_runs_only_with_a_probe_evaluation():
+    config = framework_config("simco", max_epochs=8, eval_every_epochs=2, knn_every_epochs=3)
+    display = progress.TrainProgress(
+        config, total_steps=64, start_step=0, steps_per_epoch=8, num_train=256, num_test=64
+    )
+    assert display.eval_steps == {"probe": [16, 32, 48, 64], "knn": [48, 64]}
+
+
 def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog):
     caplog.set_level(logging.INFO, logger="simco_jax")
     clock = FakeClock()
