@@ -288,7 +288,7 @@ def _train_linear(
                 task.update(step + 1, status(step + 1), line=True)
                 losses, accuracies = [], []
         task.close()
-        report = progress.EvalProgress("linear eval: test set", enabled=main)
+        report = progress.EvalProgress("test-set eval", enabled=main)
         try:
             results = evaluator.probe_accuracy(run.state.replace(probe_params=params), report)
         finally:

@@ -21,6 +21,8 @@ import time
 
 from rich import console as rich_console
 from rich import progress as rich_progress
+from rich import table as rich_table
+from rich import text as rich_text
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +89,23 @@ def terminal_console():
     return None
 
 
+class _StatusColumn(rich_progress.ProgressColumn):
+    """The task's status on one line, cut with '…' where the terminal is too narrow."""
+
+    def render(self, task):
+        return rich_text.Text(task.fields["status"], no_wrap=True, overflow="ellipsis")
+
+
 def _open_live(console):
+    fixed = rich_table.Column(no_wrap=True)  # the status column gives way, these do not
     progress = rich_progress.Progress(
-        rich_progress.TextColumn("{task.description}", markup=False),
-        rich_progress.BarColumn(bar_width=20),
-        rich_progress.MofNCompleteColumn(),
-        rich_progress.TextColumn("{task.fields[status]}", markup=False),
+        rich_progress.TextColumn("{task.description}", markup=False, table_column=fixed),
+        rich_progress.BarColumn(bar_width=16, table_column=fixed),
+        rich_progress.MofNCompleteColumn(table_column=fixed),
+        _StatusColumn(),
         console=console,
         refresh_per_second=4,
+        transient=True,  # what lasts is in the log lines
     )
     progress.start()
     # Log handlers hold the stream they were made with (absl's wraps a StreamHandler); while the
@@ -265,8 +276,8 @@ class TrainProgress:
         probe = eval_steps(total_steps, steps_per_epoch, config.eval_every_epochs)
         knn = eval_steps(total_steps, steps_per_epoch, config.knn_every_epochs)
         # The trainer runs the kNN only at a probe evaluation.
-        self.eval_steps = {"probe": probe, "knn": sorted(set(knn) & set(probe))}
-        self.eval_images = {"probe": num_test, "knn": num_train + num_test}
+        self.eval_steps = {"probe": probe, "kNN": sorted(set(knn) & set(probe))}
+        self.eval_images = {"probe": num_test, "kNN": num_train + num_test}
         self.eval_s = {}  # kind -> seconds of its last run, compile left out
         self.evaluated_at = {}  # kind -> step of its last run
         self.metrics = {}  # the last logged metrics
@@ -349,15 +360,13 @@ class TrainProgress:
             self.rate.resume()
 
     @contextlib.contextmanager
-    def evaluation(self, kind: str, epoch: int):
+    def evaluation(self, kind: str):
         """Times one evaluation out of the training rate; yields its per-batch `report`.
 
         A first run with a single batch cannot separate its compile: its time is not used, and
         the estimate stays per image until the next run of that kind.
         """
-        report = EvalProgress(
-            f"eval {kind} (epoch {epoch})", enabled=self.enabled, clock=self.clock
-        )
+        report = EvalProgress(f"{kind} eval", enabled=self.enabled, clock=self.clock)
         with self.paused():
             try:
                 yield report

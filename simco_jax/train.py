@@ -199,11 +199,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
             epoch = step // steps_per_epoch
             final = step == total_steps
             if epoch_done and (epoch % config.eval_every_epochs == 0 or final):
-                with display.evaluation("probe", epoch) as report:
+                with display.evaluation("probe") as report:
                     results = evaluator.probe_accuracy(state, report)
                 knn_every = config.knn_every_epochs
                 if knn_every > 0 and (epoch % knn_every == 0 or final):
-                    with display.evaluation("knn", epoch) as report:
+                    with display.evaluation("kNN") as report:
                         results.update(evaluator.knn_accuracy(state, report))
                 writer.write(step, results)
                 summary.update(results)

@@ -83,7 +83,7 @@ def test_knn_runs_only_with_a_probe_evaluation():
     display = progress.TrainProgress(
         config, total_steps=64, start_step=0, steps_per_epoch=8, num_train=256, num_test=64
     )
-    assert display.eval_steps == {"probe": [16, 32, 48, 64], "knn": [48, 64]}
+    assert display.eval_steps == {"probe": [16, 32, 48, 64], "kNN": [48, 64]}
 
 
 def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog):
@@ -100,11 +100,11 @@ def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog
     # training rate of 64 images/s: 4 + 2 * 1 + 2 * 5 = 16 s.
     assert display.timing() == {"images_per_s": 64.0, "eta_s": 16.0}
 
-    with display.evaluation("probe", epoch=1) as report:
+    with display.evaluation("probe") as report:
         report(0, 3)  # the line appears before the first batch
         for done, clock.now in ((1, 112.0), (2, 113.0), (3, 114.0)):  # first batch compiles
             report(done, 3)
-    with display.evaluation("knn", epoch=1) as report:
+    with display.evaluation("kNN") as report:
         clock.now = 120.0
         report(1, 1)  # one batch, the first kNN: compile and work cannot be told apart
     assert display.eval_s == {"probe": 3.0}  # 3 batches at the 1 batch/s of the warm ones
@@ -121,7 +121,7 @@ def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog
         "train 4/16 epoch 0.50/2 | ? img/s | ETA ?",
         "train 8/16 epoch 1.00/2 | 64.0 img/s | ETA 0:00:16 | loss 3.5000 probe_train_top1 12.5 "
         "lr 0.00300",
-        "eval probe (epoch 1) 1/3 | ? batches/s | ETA ?",  # its first batch took 10 s
+        "probe eval 1/3 | ? batches/s | ETA ?",  # its first batch took 10 s
         # 20 s since the last line: a line between milestones, with the last logged metrics.
         "train 12/16 epoch 1.50/2 | 64.0 img/s | ETA 0:00:10 | loss 3.5000 probe_train_top1 12.5 "
         "lr 0.00300",
@@ -160,7 +160,7 @@ def test_live_display_on_a_terminal_keeps_log_lines_above_the_bar(monkeypatch):
         clock.now = 102.0
         display.advance(8, {"loss": 3.5, "probe_train_top1": 12.5, "lr": 0.003})
         logging.getLogger("simco_jax.test").warning("a log line during training")
-        with display.evaluation("probe", epoch=1) as report:  # a second bar joins the first
+        with display.evaluation("probe") as report:  # a second bar joins the first
             report(1, 1)
             assert progress._live["tasks"] == 2
         display.close()
@@ -182,10 +182,10 @@ def test_sweep_eta_from_the_points_trained_so_far():
 def test_eval_progress_seconds_leave_out_the_first_batch(enabled, caplog):
     caplog.set_level(logging.INFO, logger="simco_jax")
     clock = FakeClock()
-    report = progress.EvalProgress("eval probe", enabled=enabled, clock=clock)
+    report = progress.EvalProgress("probe eval", enabled=enabled, clock=clock)
     for done, clock.now in ((1, 30.0), (2, 31.0), (3, 31.5), (4, 32.0)):
         report(done, 4)
     assert report.seconds == 4 * 2 / 3  # 3 warm batches in 2 s, first (compile) excluded
     report.close()
     # 30 s after its start the first report is due a line; the others come < 10 s later.
-    assert _lines(caplog) == (["eval probe 1/4 | ? batches/s | ETA ?"] if enabled else [])
+    assert _lines(caplog) == (["probe eval 1/4 | ? batches/s | ETA ?"] if enabled else [])
