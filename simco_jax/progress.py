@@ -213,7 +213,7 @@ class EvalProgress:
                 enabled=self.enabled,
                 clock=self.clock,
                 started=self.start,
-                status="(the first batch compiles)",
+                status="(starting)",
             )
         if not done:
             return
