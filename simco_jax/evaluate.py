@@ -43,6 +43,10 @@ def knn_scores(train_features, train_labels, query_features, *, k, temperature, 
     return votes.sum(axis=1)
 
 
+def _no_report(done: int, total: int) -> None:
+    """The default progress hook of the evaluations: nothing to show."""
+
+
 class Evaluator:
     """Holds the evaluation data on the device and the jitted functions, built once per run."""
 
@@ -105,30 +109,51 @@ class Evaluator:
     def _starts(self, images):
         return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
 
-    def probe_accuracy(self, state) -> dict:
+    def probe_accuracy(self, state, report=_no_report) -> dict:
+        """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.test
+        starts = self._starts(images)
+        report(0, len(starts))
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(images):
+        for done, start in enumerate(starts, 1):
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            report(done, len(starts))
         return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def _normalized_features(self, variables, images):
-        feats = jnp.concatenate(
-            [self._features(variables, images, s) for s in self._starts(images)]
-        )
+    def _normalized_features(self, variables, images, batch_done):
+        batches = []
+        for start in self._starts(images):
+            batches.append(self._features(variables, images, start))
+            batch_done(batches[-1])
+        feats = jnp.concatenate(batches)
         return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
 
-    def knn_accuracy(self, state) -> dict:
+    def knn_accuracy(self, state, report=_no_report) -> dict:
+        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (features of
+        the training and test sets, then the scoring of the test set)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        train_feats = self._normalized_features(variables, self.train[0])
-        test_feats = self._normalized_features(variables, self.test[0])
+        test_starts = self._starts(self.test[0])
+        total = len(self._starts(self.train[0])) + 2 * len(test_starts)
+        done = 0
+        report(done, total)
+
+        def batch_done(result):
+            nonlocal done
+            if report is not _no_report:  # a live count needs the batch finished, not queued
+                jax.block_until_ready(result)
+            done += 1
+            report(done, total)
+
+        train_feats = self._normalized_features(variables, self.train[0], batch_done)
+        test_feats = self._normalized_features(variables, self.test[0], batch_done)
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(self.test[0]):
+        for start in test_starts:
             counts = parallel.to_host(
                 self._knn_counts(train_feats, self.train[1], test_feats, self.test[1], start)
             )
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            batch_done(counts)
         return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simco_jax import checkpointing, data, evaluate, parallel, train_step, writers
+from simco_jax import checkpointing, data, evaluate, parallel, progress, train_step, writers
 from simco_jax import config as config_lib
 from simco_jax import workdir as workdir_lib
 
@@ -203,7 +203,16 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
 
     # ---------------------------------------------------------------- train loop
     writer = writers.MetricWriter(workdir, enabled=main, resume_step=start_step)
-    progress = writers.Progress(total_steps, config.batch_size, start_step)
+    display = progress.TrainProgress(
+        config,
+        total_steps=total_steps,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+        num_train=len(dataset.train_labels),
+        num_test=len(dataset.test_labels),
+        enabled=main,
+    )
+    in_flight = None  # (step, metrics) of the newest chunk, which the display does not wait for
     pending = []  # per-chunk metrics still on the device: fetched only at log/save points
     summary = {"step": start_step}
     step = start_step
@@ -253,44 +262,37 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
             state, metrics = chunk(state, train_images, train_labels, np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
+            if in_flight is not None:  # the display follows the chunk before, one stays queued
+                jax.block_until_ready(in_flight[1])
+                display.advance(in_flight[0])
+            in_flight = (step, metrics)
 
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
             if step // config.log_every_steps > last_log // config.log_every_steps or epoch_done:
                 means = drain_metrics(step)
-                means.update(progress.update(step))
-                means["epoch"] = step / steps_per_epoch
+                display.advance(step, means, line=epoch_done)
+                in_flight = None
+                means.update(display.timing(), epoch=step / steps_per_epoch)
                 writer.write(step, means)
                 last_log = step
-                if main:
-                    log.info(
-                        "epoch %.2f/%d step %d/%d loss %.4f probe_acc %.3f lr %.5f | %.0f img/s "
-                        "| ETA %s",
-                        means["epoch"],
-                        config.max_epochs,
-                        step,
-                        total_steps,
-                        means["loss"],
-                        means["probe_acc"],
-                        means["lr"],
-                        means["images_per_s"],
-                        writers.format_eta(means["eta_s"]),
-                    )
                 summary.update(means)
 
             epoch = step // steps_per_epoch
             final = step == total_steps
             if epoch_done and (epoch % config.eval_every_epochs == 0 or final):
-                results = evaluator.probe_accuracy(state)
+                with display.evaluation("probe") as report:
+                    results = evaluator.probe_accuracy(state, report)
                 knn_every = config.knn_every_epochs
                 if knn_every > 0 and (epoch % knn_every == 0 or final):
-                    results.update(evaluator.knn_accuracy(state))
+                    with display.evaluation("kNN") as report:
+                        results.update(evaluator.knn_accuracy(state, report))
                 writer.write(step, results)
                 summary.update(results)
                 if main:
                     log.info("eval at epoch %d: %s", epoch, json.dumps(results))
-                progress = writers.Progress(total_steps, config.batch_size, step)  # exclude eval
             if step % config.checkpoint_every_steps == 0 or final:
-                save(step)
+                with display.paused():
+                    save(step)
             # Multi-host: SIGTERM may reach the processes at different steps, and all must stop
             # at the same one (the save is collective). They agree where the loop waits for the
             # devices anyway (log points, epoch ends); one process checks at every chunk.
@@ -312,6 +314,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
                 break
         summary["step"] = step
     finally:
+        display.close()
         ckpt.close()
         writer.close()
     summary["state"] = state

@@ -275,13 +275,15 @@ def make_train_step(config, comps: Components):
             probe_params=probe_params,
             probe_opt_state=probe_opt_state,
         )
+        # Accuracies in percent, as the evaluations and the paper's tables; τ only where it acts.
         metrics = dict(
             loss=loss,
             probe_loss=probe_loss,
-            probe_acc=probe_acc,
+            probe_train_top1=100.0 * probe_acc,
             lr=comps.lr_schedule(state.step),
-            tau=tau,
         )
+        if config.momentum_encoder:
+            metrics["tau"] = tau
         return new_state, metrics
 
     return train_step

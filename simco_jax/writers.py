@@ -1,4 +1,4 @@
-"""Metrics to the workdir (JSON lines and TensorBoard events) and a progress line on the terminal.
+"""Metrics to the workdir: JSON lines and TensorBoard events (the terminal: progress.py).
 
 Only the main process writes; the others get a writer that drops everything.
 """
@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import time
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +89,3 @@ def read_metrics(workdir: str) -> list[dict]:
                 continue
             merged.setdefault(int(record["step"]), {}).update(record)
     return [merged[step] for step in sorted(merged)]
-
-
-class Progress:
-    """Throughput and ETA between calls; images/s counts a pair of views as one image."""
-
-    def __init__(self, total_steps: int, batch_size: int, start_step: int):
-        self.total_steps, self.batch_size = total_steps, batch_size
-        self._last_step, self._last_time = start_step, time.perf_counter()
-
-    def update(self, step: int) -> dict:
-        now = time.perf_counter()
-        elapsed = max(now - self._last_time, 1e-9)
-        rate = (step - self._last_step) * self.batch_size / elapsed
-        self._last_step, self._last_time = step, now
-        steps_per_s = rate / self.batch_size
-        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
-        return {"images_per_s": rate, "eta_s": eta}
-
-
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
