@@ -6,8 +6,9 @@ weights exp(sim / T).
 
 The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
 `type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
-`run(state) -> {metric: float}` when the period comes, writing `<entry name>_<metric>`. A type is
-a key of `EVALUATORS` or the import path of a module that defines a class `Evaluator` with that
+`run(state, report) -> {metric: float}` when the period comes (`report(done, total)` drives the
+progress display and may be ignored), writing `<entry name>_<metric>`. A type is a key of
+`EVALUATORS` or the import path of a module that defines a class `Evaluator` with that
 constructor and `run`: a new evaluator is one module plus one config entry, e.g.
 
     config.evals.feature_norm = dict(type="my_project.feature_norm", every_epochs=5)
@@ -52,6 +53,10 @@ def knn_scores(train_features, train_labels, query_features, *, k, temperature, 
     weights = jnp.exp(top_sim / temperature)
     votes = jax.nn.one_hot(train_labels[top_idx], num_classes) * weights[..., None]
     return votes.sum(axis=1)
+
+
+def _no_report(done: int, total: int) -> None:
+    """The default progress hook of the evaluations: nothing to show."""
 
 
 class Evaluator:
@@ -116,45 +121,66 @@ class Evaluator:
     def _starts(self, images):
         return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
 
-    def probe_accuracy(self, state) -> dict:
+    def probe_accuracy(self, state, report=_no_report) -> dict:
         """{'probe_top1', 'probe_top5'}: the online probe on the test set, in %."""
-        return {f"probe_{k}": v for k, v in self.probe_topk(state).items()}
+        return {f"probe_{k}": v for k, v in self.probe_topk(state, report).items()}
 
-    def knn_accuracy(self, state) -> dict:
+    def knn_accuracy(self, state, report=_no_report) -> dict:
         """{'knn_top1', 'knn_top5'}: the kNN monitor on the test set, in %."""
-        return {f"knn_{k}": v for k, v in self.knn_topk(state).items()}
+        return {f"knn_{k}": v for k, v in self.knn_topk(state, report).items()}
 
     def features(self, state, images) -> jax.Array:
         """Clean features of `images` (a padded device array of this evaluator), replicated."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         return jnp.concatenate([self._features(variables, images, s) for s in self._starts(images)])
 
-    def probe_topk(self, state) -> dict:
+    def probe_topk(self, state, report=_no_report) -> dict:
+        """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.test
+        starts = self._starts(images)
+        report(0, len(starts))
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(images):
+        for done, start in enumerate(starts, 1):
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            report(done, len(starts))
         return {k: 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def _normalized_features(self, variables, images):
-        feats = jnp.concatenate(
-            [self._features(variables, images, s) for s in self._starts(images)]
-        )
+    def _normalized_features(self, variables, images, batch_done):
+        batches = []
+        for start in self._starts(images):
+            batches.append(self._features(variables, images, start))
+            batch_done(batches[-1])
+        feats = jnp.concatenate(batches)
         return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
 
-    def knn_topk(self, state) -> dict:
+    def knn_topk(self, state, report=_no_report) -> dict:
+        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (features of
+        the training and test sets, then the scoring of the test set)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        train_feats = self._normalized_features(variables, self.train[0])
-        test_feats = self._normalized_features(variables, self.test[0])
+        test_starts = self._starts(self.test[0])
+        total = len(self._starts(self.train[0])) + 2 * len(test_starts)
+        done = 0
+        report(done, total)
+
+        def batch_done(result):
+            nonlocal done
+            if report is not _no_report:  # a live count needs the batch finished, not queued
+                jax.block_until_ready(result)
+            done += 1
+            report(done, total)
+
+        train_feats = self._normalized_features(variables, self.train[0], batch_done)
+        test_feats = self._normalized_features(variables, self.test[0], batch_done)
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(self.test[0]):
+        for start in test_starts:
             counts = parallel.to_host(
                 self._knn_counts(train_feats, self.train[1], test_feats, self.test[1], start)
             )
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            batch_done(counts)
         return {k: 100.0 * v / self.num_test for k, v in totals.items()}
 
 
@@ -177,8 +203,8 @@ class ProbeEvaluator:
     def __init__(self, context: Context, entry):
         self.data = context.data
 
-    def run(self, state) -> dict:
-        return self.data.probe_topk(state)
+    def run(self, state, report=_no_report) -> dict:
+        return self.data.probe_topk(state, report)
 
 
 class KnnEvaluator:
@@ -187,8 +213,8 @@ class KnnEvaluator:
     def __init__(self, context: Context, entry):
         self.data = context.data
 
-    def run(self, state) -> dict:
-        return self.data.knn_topk(state)
+    def run(self, state, report=_no_report) -> dict:
+        return self.data.knn_topk(state, report)
 
 
 EVALUATORS = {"probe": ProbeEvaluator, "knn": KnnEvaluator}

@@ -86,7 +86,9 @@ def shuffled_encode(model, params, batch_stats, images, perm, *, groups: int):
 
 def enqueue(queue, ptr, keys):
     """FIFO ring buffer: `keys` overwrite the oldest rows, the pointer advances by the batch."""
-    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
+    # Both start indices in the pointer's dtype: a literal 0 is int64 under jax_enable_x64.
+    start = (ptr, jnp.zeros_like(ptr))
+    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), start)
     return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
@@ -157,8 +159,10 @@ class Method(NamedTuple):
     negatives: Callable
     # ((q1, q2), (k1, k2), negatives) -> scalar loss.
     loss: Callable
-    # (step) -> the momentum encoder's EMA coefficient τ_m (logged by every method).
+    # (step) -> the momentum encoder's EMA coefficient τ_m.
     tau: Callable
+    # (step) -> the method's own metrics: τ_m where a momentum encoder acts, else nothing.
+    metrics: Callable
     # (state, new params, this step's keys) -> updated TrainState fields (EMA, queue).
     post_update: Callable
 
@@ -185,17 +189,13 @@ def make_method(config, model, total_steps: int) -> Method:
     def _momentum_targets(state, views, rng):
         """Keys from the momentum encoder, in train mode (its own BatchNorm statistics).
 
-        A one-way loss needs only view 2's keys, so view 1's pass is skipped (it would only move
-        the key encoder's running statistics, which no result reads); k1 is then None.
+        Both views pass through it even for a one-way loss, which reads only k2: the official
+        code does so, and view 1's pass moves the key encoder's BatchNorm running statistics,
+        which an evaluation or export of the momentum encoder reads.
         """
         params, stats = state.momentum_params, state.momentum_batch_stats
-        view1, view2 = views
-        views = (view1, view2) if config.symmetric else (None, view2)
         keys = []
         for view, view_rng in zip(views, jax.random.split(rng), strict=True):
-            if view is None:
-                keys.append(None)
-                continue
             if config.shuffle_bn:  # MoCo's ShuffleBN: sub-batches mix images across groups
                 perm = jax.random.permutation(view_rng, view.shape[0])
                 k, stats = shuffled_encode(model, params, stats, view, perm, groups=groups)
@@ -251,5 +251,6 @@ def make_method(config, model, total_steps: int) -> Method:
         negatives=_queue_negatives if config.queue_size else (lambda state: None),
         loss=loss,
         tau=tau,
+        metrics=(lambda step: {"tau": tau(step)}) if config.momentum_encoder else (lambda step: {}),
         post_update=post_update,
     )

@@ -182,12 +182,13 @@ def make_train_step(config, comps: Components):
             probe_opt_state=probe_opt_state,
             **method.post_update(state, params, new_keys),  # EMA of the momentum encoder, enqueue
         )
+        # Accuracies in percent, as the evaluations and the paper's tables; τ only where it acts.
         metrics = dict(
             loss=loss,
             probe_loss=probe_loss,
-            probe_acc=probe_acc,
+            probe_train_top1=100.0 * probe_acc,
             lr=comps.lr_schedule(state.step),
-            tau=method.tau(state.step),
+            **method.metrics(state.step),  # τ_m where a momentum encoder acts
         )
         return new_state, metrics
 

@@ -14,6 +14,6 @@ class Evaluator:
         self.data = context.data  # the test images already on the device, and their features
         self.num_test = len(context.dataset.test_labels)
 
-    def run(self, state) -> dict:
+    def run(self, state, report) -> dict:  # report(done, total) could drive a progress bar
         features = self.data.features(state, self.data.test[0])[: self.num_test]
         return {"mean": float(jnp.mean(jnp.linalg.norm(features, axis=-1)))}

@@ -13,6 +13,7 @@ from simco_jax import (
     data,
     losses,
     methods,
+    models,
     optimizers,
     train,
     train_step,
@@ -449,13 +450,21 @@ def test_periods_in_steps_or_epochs_resolve_in_one_helper():
         config_lib.eval_periods(c, 10)
 
 
+def test_the_seams_choices_are_the_schemas():
+    assert config_lib.PROJECTORS == models.PROJECTORS
+    assert config_lib.LOSSES == tuple(methods.LOSSES)
+    assert config_lib.OPTIMIZERS == optimizers.OPTIMIZERS
+    negative_free = tuple(k for k, v in methods.LOSSES.items() if not v.uses_negatives)
+    assert config_lib.NEGATIVE_FREE_LOSSES == negative_free
+
+
 def test_new_keys_are_checked():
     for overrides, message in (
         (dict(loss="mse"), "loss must be one of"),
         (dict(projector="mlp4"), "projector must be one of"),
         (dict(optimizer="adam"), "optimizer must be one of"),
         (dict(loss="negative_cosine", queue_size=64), "uses no negatives; set queue_size=0"),
-        (dict(predictor=True, pred_hidden_dim=0), "pred_hidden_dim > 0"),
+        (dict(predictor=True, pred_hidden_dim=0), "pred_hidden_dim must be an integer"),
     ):
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.validate(framework_config("simco", **overrides))
@@ -463,25 +472,20 @@ def test_new_keys_are_checked():
         config_lib.validate(framework_config(framework, variant=""))
 
 
-def test_checkpoint_records_without_the_new_keys_still_load(tmp_path):
-    """A checkpoint written before the method seam has no projector/predictor/optimizer in its
-    record; it reads as the settings every run had then."""
-    old_keys = [k for k in checkpointing.COMPATIBILITY_KEYS if k not in checkpointing.ADDED_KEYS]
-    config = framework_config("simco")
-    old_record = {k: config[k] for k in old_keys} | {"num_classes": 10}
-    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), old_record)
-    ckpt.save(4, {"w": np.ones(3, np.float32)})
-    ckpt.close()
-    new = checkpointing.Checkpointer(
-        str(tmp_path / "checkpoints"), checkpointing.compatibility_record(config, 10)
+def test_checkpoints_from_before_the_seam_resume_and_other_methods_are_refused():
+    """A checkpoint's record is its config: keys it lacks (added since) are not compared, a
+    different method is refused, and periods and evaluators may change on resume."""
+    new_keys = {"projector", "predictor", "pred_hidden_dim", "pred_fixed_lr", "loss"}
+    new_keys |= {"optimizer", "lars_eta", "lars_clip_lr", "lars_exclude_bias_n_norm", "evals"}
+    new_keys |= {"log_every_epochs", "checkpoint_every_epochs"}
+    now = checkpointing.compatibility_record(framework_config("simco"), 10)
+    old = {k: v for k, v in now.items() if k not in new_keys}
+    assert checkpointing.changes(old, now) == ({}, {})
+    refused, _ = checkpointing.changes(
+        now, checkpointing.compatibility_record(framework_config("byol"), 10)
     )
-    restored = new.restore_latest({"w": jnp.zeros(3, jnp.float32)})
-    np.testing.assert_array_equal(restored["w"], np.ones(3, np.float32))
-    new.close()
-    byol = checkpointing.Checkpointer(
-        str(tmp_path / "checkpoints"),
-        checkpointing.compatibility_record(framework_config("byol"), 10),
-    )
-    with pytest.raises(checkpointing.CheckpointError, match="projector: 'mlp' in the checkpoint"):
-        byol.restore_latest({"w": jnp.zeros(3, jnp.float32)})
-    byol.close()
+    assert {"loss", "predictor", "projector", "optimizer", "momentum_encoder"} <= set(refused)
+    changed = framework_config("simco", log_every_epochs=0.5)
+    changed.evals.knn.every_steps = 3
+    refused, accepted = checkpointing.changes(now, checkpointing.compatibility_record(changed, 10))
+    assert refused == {} and set(accepted) == {"log_every_epochs", "evals"}
