@@ -32,6 +32,11 @@ _HEARTBEAT = flags.DEFINE_integer(
     "Multi-host: seconds without a heartbeat after which a process counts as dead and the others "
     "stop with an error (default: JAX's, 100).",
 )
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_s",
+    None,
+    "Multi-host: seconds each process waits for all the others to connect (default: JAX's, 300).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,6 +67,7 @@ def main(argv):
         _NUM_PROCESSES.value,
         _PROCESS_ID.value,
         heartbeat_timeout_s=_HEARTBEAT.value,
+        initialization_timeout_s=_INIT_TIMEOUT.value,
     )
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax; our progress stays at INFO
     logging.getLogger("simco_jax").setLevel(logging.INFO)

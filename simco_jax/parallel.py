@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -32,13 +33,16 @@ def initialize_distributed(
     process_id: int = -1,
     *,
     heartbeat_timeout_s: int | None = None,
+    initialization_timeout_s: int | None = None,
 ) -> bool:
     """Starts jax.distributed for a multi-process run; returns whether it did.
 
     Explicit arguments win; what is left unset JAX auto-detects (Cloud TPU pods, SLURM, Open MPI).
     A single-process run without either does nothing. `heartbeat_timeout_s`: a process that sends
     no heartbeat for this long counts as dead, and the survivors stop with an error instead of
-    waiting forever in a collective (None: JAX's default, 100 s).
+    waiting forever in a collective (None: JAX's default, 100 s). `initialization_timeout_s`: how
+    long each process waits for all the others to connect (None: JAX's default, 300 s); raise it
+    when hosts start far apart.
     """
     explicit = bool(coordinator) or num_processes > 1
     if not (explicit or _cluster_env_is_multi_process()):
@@ -54,8 +58,32 @@ def initialize_distributed(
     )
     if heartbeat_timeout_s is not None:
         kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+    if initialization_timeout_s is not None:
+        kwargs["initialization_timeout"] = int(initialization_timeout_s)
     jax.distributed.initialize(**kwargs)
+    if jax.default_backend() == "cpu":
+        connect_collectives()
     return True
+
+
+def connect_collectives() -> None:
+    """Runs one all-reduce over the mesh of every device, while the processes are in step.
+
+    On CPUs, XLA connects the gloo (TCP) communicators of a group of devices at the first
+    collective that the group runs, and gives every process only gloo's fixed 30 s to arrive
+    there (not configurable in jaxlib 0.10). Left to the train step, whose compilation can take
+    minutes longer on one host than on another, that fails with `Gloo context initialization
+    failed: DEADLINE_EXCEEDED`. Here, just after `jax.distributed.initialize` returned on every
+    process, they arrive within a second. The communicators are cached per group of devices, and
+    every collective of the library spans this mesh; later collectives wait for a slow process
+    for `--xla_cpu_collective_timeout_seconds` (XLA's default, 30 min).
+    """
+    mesh = make_mesh()
+    ones = np.ones(jax.local_device_count(), np.int32)
+    count = jax.jit(jnp.sum, out_shardings=replicated(mesh))(
+        jax.make_array_from_process_local_data(batch_sharded(mesh), ones)
+    )
+    assert int(count.addressable_data(0)) == jax.device_count()
 
 
 def make_mesh() -> Mesh:

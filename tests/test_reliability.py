@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import REPO, framework_config, run_python
+from helpers import DEADLINE_S, REPO, framework_config, run_python
 
 from simco_jax import checkpointing, data, train, writers
 from simco_jax import config as config_lib
@@ -29,7 +29,6 @@ from simco_jax import config as config_lib
 OVERRIDES = dict(max_epochs=4, checkpoint_every_steps=4, keep_checkpoints=100)
 TOTAL_STEPS = 32
 TIMING_KEYS = ("images_per_s", "eta_s")  # wall-clock measurements: the only metrics that differ
-LAUNCH_DEADLINE_S = 300  # generous: a cold XLA cache on a loaded 2-core machine
 
 
 def _config(**overrides):
@@ -130,14 +129,11 @@ def test_unknown_key_fails_through_train_and_evaluate(tmp_path):
 )
 def test_launch_rejects_bad_flags_before_compiling(flag, env, message, tmp_path):
     workdir = tmp_path / "run"
-    start = time.monotonic()
     result = run_python(
         ["launch.py", "--config=configs/simco_cifar.py:smoke", f"--workdir={workdir}", flag],
         env_extra=env,
         check=False,
-        timeout=120,
     )
-    elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-3000:]
     # Flag errors are one line; a config error ends its traceback with the message, not XLA's.
@@ -145,7 +141,6 @@ def test_launch_rejects_bad_flags_before_compiling(flag, env, message, tmp_path)
     assert "Traceback" not in result.stderr or last_line.startswith("simco_jax.config.ConfigError")
     # Nothing was created, let alone compiled: the check runs before the workdir is made.
     assert not workdir.exists()
-    assert elapsed < 60, f"took {elapsed:.0f} s to fail"
 
 
 def test_unwritable_workdir(tmp_path):
@@ -243,7 +238,7 @@ def _launched(args, log_path):
 
 
 def _wait_until(condition, process, log_path, what):
-    deadline = time.monotonic() + LAUNCH_DEADLINE_S
+    deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         if condition():
             return
@@ -251,7 +246,7 @@ def _wait_until(condition, process, log_path, what):
             output = open(log_path).read()[-3000:]
             raise AssertionError(f"exited ({process.returncode}) before {what}:\n{output}")
         time.sleep(0.01)
-    raise AssertionError(f"no {what} within {LAUNCH_DEADLINE_S} s")
+    raise AssertionError(f"no {what} within {DEADLINE_S:.0f} s (SIMCO_TEST_DEADLINE_S)")
 
 
 def test_sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run(reference, tmp_path, caplog):
@@ -264,7 +259,7 @@ def test_sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run(reference
     with _launched(_launch_args(workdir, checkpoint_every_steps=1000), log1) as process:
         _wait_until(lambda: metrics.exists() and metrics.stat().st_size, process, log1, "metrics")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 143
+        assert process.wait(timeout=DEADLINE_S) == 143
     output = log1.read_text()
     assert "fresh start" in output
     reached = int(re.search(r"preempted: saved the checkpoint of step (\d+)/32", output)[1])
