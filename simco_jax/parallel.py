@@ -62,28 +62,49 @@ def initialize_distributed(
         kwargs["initialization_timeout"] = int(initialization_timeout_s)
     jax.distributed.initialize(**kwargs)
     if jax.default_backend() == "cpu":
-        connect_collectives()
+        connect_collectives(timeout_s=initialization_timeout_s or 300)
     return True
 
 
-def connect_collectives() -> None:
-    """Runs one all-reduce over the mesh of every device, while the processes are in step.
+def connect_collectives(timeout_s: int = 300) -> None:
+    """Connects the CPU (gloo) communicators of every group of devices the library uses, now.
 
-    On CPUs, XLA connects the gloo (TCP) communicators of a group of devices at the first
-    collective that the group runs, and gives every process only gloo's fixed 30 s to arrive
-    there (not configurable in jaxlib 0.10). Left to the train step, whose compilation can take
-    minutes longer on one host than on another, that fails with `Gloo context initialization
-    failed: DEADLINE_EXCEEDED`. Here, just after `jax.distributed.initialize` returned on every
-    process, they arrive within a second. The communicators are cached per group of devices, and
-    every collective of the library spans this mesh; later collectives wait for a slow process
-    for `--xla_cpu_collective_timeout_seconds` (XLA's default, 30 min).
+    XLA:CPU connects a group's gloo communicator at the group's first collective and gives every
+    process gloo's fixed 30 s to arrive (not configurable in jaxlib 0.10). Left to the trainer,
+    the processes get there minutes apart when one compiles the train step more slowly, and fail
+    with `Gloo context initialization failed: DEADLINE_EXCEEDED`. So both groups are connected
+    here, each by a tiny program compiled ahead of time and run right after a barrier of the
+    coordination service (`timeout_s`; the barrier Orbax also uses): the mesh of every device
+    (the train step, evaluation, gathering sharded arrays) and one device per process
+    (`multihost_utils.process_allgather` of host values, Orbax's syncs). The communicators are
+    cached; later collectives wait up to XLA's `--xla_cpu_collective_timeout_seconds` (30 min).
     """
+    from jax._src import distributed
+
     mesh = make_mesh()
-    ones = np.ones(jax.local_device_count(), np.int32)
-    count = jax.jit(jnp.sum, out_shardings=replicated(mesh))(
-        jax.make_array_from_process_local_data(batch_sharded(mesh), ones)
+    per_process = Mesh(
+        np.asarray(jax.devices()).reshape(jax.process_count(), jax.local_device_count()),
+        ("processes", "local_devices"),
     )
+    ones = np.ones(jax.local_device_count(), np.int32)
+    programs = [  # (compiled program, its argument): compiled before anyone waits on the others
+        (jax.jit(jnp.sum, out_shardings=replicated(mesh)), batch_sharded(mesh), ones),
+        (  # what process_allgather compiles: the value of each process, replicated
+            jax.jit(lambda x: x, out_shardings=NamedSharding(per_process, PartitionSpec())),
+            NamedSharding(per_process, PartitionSpec("processes")),
+            ones[:1],
+        ),
+    ]
+    runs = []
+    for function, sharding, local in programs:
+        x = jax.make_array_from_process_local_data(sharding, local)
+        runs.append((function.lower(x).compile(), x))
+    distributed.global_state.client.wait_at_barrier(
+        "simco_jax_connect_collectives", timeout_in_ms=int(timeout_s * 1000)
+    )
+    count, gathered = (compiled(x) for compiled, x in runs)
     assert int(count.addressable_data(0)) == jax.device_count()
+    assert np.asarray(gathered.addressable_data(0)).shape == (jax.process_count(),)
 
 
 def make_mesh() -> Mesh:
