@@ -300,7 +300,9 @@ def torchvision_loading_snippet(
             )
     if cifar_stem:
         lines.append("model.maxpool = torch.nn.Identity()")
-    lines += ["model.fc = torch.nn.Identity()", f"state = load_file({str(path)!r})"]
+    path = str(path)
+    quoted = f'"{path}"' if '"' not in path and "\\" not in path else repr(path)  # black's style
+    lines += ["model.fc = torch.nn.Identity()", f"state = load_file({quoted})"]
     if projector_shape is None:
         lines.append("model.load_state_dict(state)")
     else:

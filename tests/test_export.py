@@ -368,7 +368,7 @@ def test_loading_snippet_names_the_constructor_and_widths(width, cifar_stem):
         f"wrote 120 tensors to out.safetensors: resnet18 backbone, width {width}, {stem} stem."
     )
     assert "model = torchvision.models.resnet18()\n" in message
-    assert message.endswith("state = load_file('out.safetensors')\nmodel.load_state_dict(state)")
+    assert message.endswith('state = load_file("out.safetensors")\nmodel.load_state_dict(state)')
     kernel = "3, 1, 2" if cifar_stem else "7, 2, 3"
     conv1 = f"model.conv1 = torch.nn.Conv2d(3, {width}, {kernel}, bias=False)"
     assert (conv1 in message) == (cifar_stem or width != 64)

@@ -136,9 +136,7 @@ def test_export_cli_writes_torchvision_names_shapes_and_values(pretrained, tmp_p
     )
     assert "resnet18() has width 64 and cannot load it" in printed
     assert "model.layer4 = model._make_layer(BasicBlock, 32, 2, stride=2)" in printed
-    assert printed.rstrip().endswith(
-        f"state = load_file({str(out)!r})\nmodel.load_state_dict(state)"
-    )
+    assert printed.rstrip().endswith(f'state = load_file("{out}")\nmodel.load_state_dict(state)')
     tensors = export.load_safetensors(out)
     expected = export.torchvision_state_dict_shapes("resnet18", width=4, cifar_stem=True)
     assert list(tensors) == list(expected)
