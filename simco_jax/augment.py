@@ -1,4 +1,4 @@
-"""The two-view augmentation of the official recipe (spec §3), on the accelerator, inside jit.
+"""The two-view augmentation of the official CIFAR recipe, on the accelerator, inside jit.
 
 The host feeds uint8 batches (B, H, W, 3); every image draws its own parameters from its own key
 (`jax.random.split` of the batch key, then `jax.vmap` of a per-image function). Per view, in the
@@ -413,6 +413,6 @@ def augment_view(key, images, params: AugmentParams):
 
 
 def two_views(key, images, params: AugmentParams):
-    """The two views of spec §3, each from its own independent key stream."""
+    """The two views of the official recipe, each from its own independent key stream."""
     key1, key2 = jax.random.split(key)
     return augment_view(key1, images, params), augment_view(key2, images, params)

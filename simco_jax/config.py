@@ -1,6 +1,8 @@
 """The one configuration schema: defaults, and the checks that run before anything compiles.
 
-Every framework is a setting of the same keys (`simco_jax.methods` says what each key does):
+Every framework is a setting of the same keys (`simco_jax.methods` says what each key does); the
+first three are the paper's (Zhang et al., CVPR 2022, arXiv:2203.17248), as in its official code
+(github.com/ChaoningZhang/Dual-temperature):
 
 =================  ===========  ===========  ===========  ==============  ===============
 key                MoCo v2      SimMoCo      SimCo        BYOL            SimSiam
@@ -45,7 +47,8 @@ NEGATIVE_FREE_LOSSES = ("normalized_mse", "negative_cosine")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults: the official SimCo recipe on CIFAR-100 (spec §3). Frameworks override §2 keys."""
+    """Defaults: the official SimCo recipe on CIFAR-100 (the official scripts' flags). Frameworks
+    override the four method keys of the module docstring."""
     c = ml_collections.ConfigDict()
 
     # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, ...), 'npz' (arrays in
@@ -70,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pred_hidden_dim = 4096  # BYOL 4096, SimSiam 512
     c.pred_fixed_lr = False  # SimSiam: the predictor keeps the peak lr (no warm-up, no decay)
 
-    # The contrastive method (spec §2): SimCo by default.
+    # The contrastive method: SimCo by default (the table in the module docstring).
     c.momentum_encoder = False
     c.base_tau_momentum = 0.99
     c.final_tau_momentum = 0.99
@@ -87,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.shuffle_bn = False  # MoCo's ShuffleBN: the key encoder sees the batch shuffled across groups.
     c.negative_groups = 1  # in-batch negatives only from the anchor's own sub-batch.
 
-    # Optimisation (spec §3).
+    # Optimisation: the official CIFAR-100 scripts' SGD recipe.
     c.batch_size = 256  # global batch, over all devices and hosts
     c.max_epochs = 200
     c.lr = 0.03  # at batch 256; scaled by batch_size / 256 when scale_lr
@@ -104,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lars_clip_lr = True  # trust ratio capped so that no layer's lr exceeds the global lr
     c.lars_exclude_bias_n_norm = True  # biases and BN: plain SGD, no weight decay
 
-    # Augmentation (spec §3), official flag names.
+    # Augmentation: the official scripts' CIFAR pipeline, with their flag names.
     c.crop_size = 32
     c.min_scale = 0.08
     c.max_scale = 1.0

@@ -1,8 +1,9 @@
 """Evaluation on clean (only normalised) images: the online probe's accuracy and a kNN monitor.
 
-Top-1 of the online probe over the whole test set is the paper's headline metric. The kNN monitor
-is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest vote with
-weights exp(sim / T).
+Top-1 of the online probe over the whole test set is what the official code reports (a linear
+layer on stop-gradient features, trained alongside; Zhang et al., CVPR 2022). The
+kNN monitor is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest
+vote with weights exp(sim / T).
 
 The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
 `type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
