@@ -4,9 +4,21 @@ Top-1 of the online probe over the whole test set is what the official code repo
 layer on stop-gradient features, trained alongside; Zhang et al., CVPR 2022). The
 kNN monitor is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest
 vote with weights exp(sim / T).
+
+The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
+`type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
+`run(state, report) -> {metric: float}` when the period comes (`report(done, total)` drives the
+progress display and may be ignored), writing `<entry name>_<metric>`. A type is a key of
+`EVALUATORS` or the import path of a module that defines a class `Evaluator` with that
+constructor and `run`: a new evaluator is one module plus one config entry, e.g.
+
+    config.evals.feature_norm = dict(type="my_project.feature_norm", every_epochs=5)
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +123,19 @@ class Evaluator:
         return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
 
     def probe_accuracy(self, state, report=_no_report) -> dict:
+        """{'probe_top1', 'probe_top5'}: the online probe on the test set, in %."""
+        return {f"probe_{k}": v for k, v in self.probe_topk(state, report).items()}
+
+    def knn_accuracy(self, state, report=_no_report) -> dict:
+        """{'knn_top1', 'knn_top5'}: the kNN monitor on the test set, in %."""
+        return {f"knn_{k}": v for k, v in self.knn_topk(state, report).items()}
+
+    def features(self, state, images) -> jax.Array:
+        """Clean features of `images` (a padded device array of this evaluator), replicated."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return jnp.concatenate([self._features(variables, images, s) for s in self._starts(images)])
+
+    def probe_topk(self, state, report=_no_report) -> dict:
         """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.test
@@ -122,7 +147,7 @@ class Evaluator:
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
             report(done, len(starts))
-        return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
+        return {k: 100.0 * v / self.num_test for k, v in totals.items()}
 
     def _normalized_features(self, variables, images, batch_done):
         batches = []
@@ -132,7 +157,7 @@ class Evaluator:
         feats = jnp.concatenate(batches)
         return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
 
-    def knn_accuracy(self, state, report=_no_report) -> dict:
+    def knn_topk(self, state, report=_no_report) -> dict:
         """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (features of
         the training and test sets, then the scoring of the test set)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -157,4 +182,54 @@ class Evaluator:
             )
             totals = {k: totals[k] + int(counts[k]) for k in totals}
             batch_done(counts)
-        return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
+        return {k: 100.0 * v / self.num_test for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------- the evaluator registry
+
+
+class Context(NamedTuple):
+    """What an evaluator is built from, once per run."""
+
+    config: Any
+    comps: Any  # train_step.Components: model, probe, method ...
+    dataset: Any  # data.Dataset (host arrays)
+    mesh: Any
+    data: Evaluator  # the test/train images on the device and the jitted feature function
+
+
+class ProbeEvaluator:
+    """'probe': top-1/top-5 of the online linear probe on the whole test set."""
+
+    def __init__(self, context: Context, entry):
+        self.data = context.data
+
+    def run(self, state, report=_no_report) -> dict:
+        return self.data.probe_topk(state, report)
+
+
+class KnnEvaluator:
+    """'knn': top-1/top-5 of the cosine kNN monitor (k = config.knn_k, T = knn_temperature)."""
+
+    def __init__(self, context: Context, entry):
+        self.data = context.data
+
+    def run(self, state, report=_no_report) -> dict:
+        return self.data.knn_topk(state, report)
+
+
+EVALUATORS = {"probe": ProbeEvaluator, "knn": KnnEvaluator}
+
+
+def evaluator_class(kind: str):
+    """A built-in evaluator's class, or `Evaluator` of the module importable as `kind`."""
+    if kind in EVALUATORS:
+        return EVALUATORS[kind]
+    return importlib.import_module(kind).Evaluator
+
+
+def make_evaluators(config, context: Context) -> dict:
+    """{name: evaluator} for every entry of config.evals."""
+    return {
+        name: evaluator_class(entry.type)(context, entry) for name, entry in config.evals.items()
+    }

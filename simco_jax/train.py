@@ -198,8 +198,18 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    evaluator = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
+
+    # ---------------------------------------------------------------- evaluators and periods
+    eval_data = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
+    context = evaluate.Context(config, comps, dataset, mesh, eval_data)
+    evaluators = evaluate.make_evaluators(config, context)
+    eval_every = config_lib.eval_periods(config, steps_per_epoch)  # name -> steps (<= 0: never)
+    log_every = config_lib.period_steps(config, "log_every", steps_per_epoch)
+    checkpoint_every = config_lib.period_steps(config, "checkpoint_every", steps_per_epoch)
+
+    def next_multiple(step, period):
+        return (step // period + 1) * period
 
     # ---------------------------------------------------------------- train loop
     writer = writers.MetricWriter(workdir, enabled=main, resume_step=start_step)
@@ -254,11 +264,13 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
 
     try:
         while step < total_steps:
-            next_epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
-            next_checkpoint = (
-                step // config.checkpoint_every_steps + 1
-            ) * config.checkpoint_every_steps
-            stop_at = min(next_epoch_end, next_checkpoint, total_steps)
+            # A chunk ends where the host has work: an epoch end, a checkpoint, an evaluation.
+            periods = [
+                steps_per_epoch,
+                checkpoint_every,
+                *(p for p in eval_every.values() if p > 0),
+            ]
+            stop_at = min(total_steps, *(next_multiple(step, p) for p in periods))
             state, metrics = chunk(state, train_images, train_labels, np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
@@ -268,7 +280,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
             in_flight = (step, metrics)
 
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
-            if step // config.log_every_steps > last_log // config.log_every_steps or epoch_done:
+            if step // log_every > last_log // log_every or epoch_done:
                 means = drain_metrics(step)
                 display.advance(step, means, line=epoch_done)
                 in_flight = None
@@ -277,20 +289,20 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
                 last_log = step
                 summary.update(means)
 
-            epoch = step // steps_per_epoch
             final = step == total_steps
-            if epoch_done and (epoch % config.eval_every_epochs == 0 or final):
-                with display.evaluation("probe") as report:
-                    results = evaluator.probe_accuracy(state, report)
-                knn_every = config.knn_every_epochs
-                if knn_every > 0 and (epoch % knn_every == 0 or final):
-                    with display.evaluation("kNN") as report:
-                        results.update(evaluator.knn_accuracy(state, report))
+            results = {}
+            for name, evaluator in evaluators.items():
+                period = eval_every[name]
+                if period > 0 and (step % period == 0 or final):
+                    with display.evaluation(name) as report:
+                        values = evaluator.run(state, report)
+                    results.update({f"{name}_{k}": v for k, v in values.items()})
+            if results:
                 writer.write(step, results)
                 summary.update(results)
                 if main:
-                    log.info("eval at epoch %d: %s", epoch, json.dumps(results))
-            if step % config.checkpoint_every_steps == 0 or final:
+                    log.info("eval at epoch %g: %s", step / steps_per_epoch, json.dumps(results))
+            if step % checkpoint_every == 0 or final:
                 with display.paused():
                     save(step)
             # Multi-host: SIGTERM may reach the processes at different steps, and all must stop
