@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar100"
     c.data_path = ""
     c.data_dir = ""  # tfds data_dir; '' = tfds default.
+    # A text file of class names (WordNet IDs for ImageNet), one a line: only these classes are
+    # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt). '' = every class.
+    c.class_list = ""
     c.tfds_download = True
     c.synthetic_num_train = 512
     c.synthetic_num_test = 128
@@ -95,11 +98,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.knn_every_epochs = 10  # 0 disables the kNN monitor
+    c.knn_bank_dtype = "float32"  # or 'bfloat16': half the memory of the sharded feature bank
     c.eval_batch_size = 1024
 
     # Runtime.
     c.seed = 15
     c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
+    # Memory of one accelerator in GiB, for the check before compiling (simco_jax.memory);
+    # 0 = what JAX reports for the device (no check where it reports nothing, e.g. on CPU).
+    c.device_memory_gb = 0.0
     c.steps_per_dispatch = 8  # train steps fused into one jitted lax.scan
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000  # plus one at the end and one on SIGTERM
@@ -143,6 +150,85 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
             config.dataset = variant
         else:
             raise ValueError(f"unknown config variant {variant!r}; known: smoke, cifar10, cifar100")
+    return config
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_overrides() -> dict:
+    """MoCo v2's ImageNet recipe (Chen et al. 2020; facebookresearch/moco main_moco.py with
+    --mlp --aug-plus --cos): ResNet-50, SGD 0.03·B/256, wd 1e-4, cosine over 200 epochs without
+    warm-up, projector 2048→2048→128, key momentum 0.999, its augmentation at 224 px."""
+    return dict(
+        dataset="imagenet2012",
+        tfds_download=False,  # tfds cannot download ImageNet: it needs the manual tars
+        backbone="resnet50",
+        backbone_width=64,
+        cifar_stem=False,  # 7×7 stride-2 conv and 3×3 max-pool
+        proj_hidden_dim=2048,
+        proj_output_dim=128,
+        base_tau_momentum=0.999,
+        final_tau_momentum=0.999,
+        batch_size=256,
+        max_epochs=200,
+        lr=0.03,
+        scale_lr=True,
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_epochs=0,
+        crop_size=224,
+        min_scale=0.2,
+        max_scale=1.0,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        color_jitter_prob=0.8,
+        gray_scale_prob=0.2,
+        gaussian_prob=0.5,
+        solarization_prob=0.0,
+        horizontal_flip_prob=0.5,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eval_batch_size=1024,
+        knn_every_epochs=10,
+        knn_k=200,
+    )
+
+
+def imagenet_smoke_overrides() -> dict:
+    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU."""
+    return dict(
+        dataset="imagefolder",
+        backbone="resnet18",
+        backbone_width=4,
+        crop_size=32,
+        proj_hidden_dim=16,
+        proj_output_dim=16,
+        batch_size=32,
+        max_epochs=2,
+        steps_per_dispatch=2,
+        log_every_steps=2,
+        checkpoint_every_steps=8,
+        knn_every_epochs=1,
+        knn_k=10,
+        eval_batch_size=64,
+        dtype="float32",
+    )
+
+
+def apply_imagenet_variant(config: ml_collections.ConfigDict, arg: str | None, class_list: str):
+    """ImageNet `get_config(arg)` variants, comma-separated: 'imagenet100' (the 100 classes of
+    CMC and solo-learn, listed in `class_list`), 'smoke' (tiny network, an image folder)."""
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "imagenet100":
+            config.class_list = class_list
+        elif variant == "smoke":
+            config.update(imagenet_smoke_overrides())
+        else:
+            raise ValueError(f"unknown config variant {variant!r}; known: imagenet100, smoke")
     return config
 
 
@@ -223,6 +309,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
             f"of {num_devices} (the batch is the global batch, split evenly over devices)"
         )
+    if config.device_memory_gb < 0:
+        fail(f"device_memory_gb must be >= 0 (0 = ask JAX), got {config.device_memory_gb}")
+    if config.knn_bank_dtype not in ("float32", "bfloat16"):
+        fail(f"knn_bank_dtype must be 'float32' or 'bfloat16', got {config.knn_bank_dtype!r}")
     if config.eval_batch_size < 1:
         fail("eval_batch_size must be >= 1")
     if config.dataset == "npz" and not config.data_path:

@@ -226,7 +226,7 @@ class Evaluator:
         stats = compiled.memory_analysis()
         temp = getattr(stats, "temp_size_in_bytes", None)
         log.info(
-            "kNN bank: %d rows x %d %s, %.1f MiB per device over %d devices; scoring %d queries "
+            "kNN bank: %d rows x %d %s, %.2f MiB per device over %d devices; scoring %d queries "
             "needs %s MiB of temporaries per device",
             bank_feats.shape[0] * bank_feats.shape[1],
             bank_feats.shape[2],
@@ -234,5 +234,5 @@ class Evaluator:
             per_device / 2**20,
             self.mesh.size,
             self.batch,
-            "?" if temp is None else f"{temp / 2**20:.1f}",
+            "?" if temp is None else f"{temp / 2**20:.2f}",
         )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simco_jax import checkpointing, data, evaluate, parallel, train_step, writers
+from simco_jax import checkpointing, data, evaluate, memory, parallel, train_step, writers
 from simco_jax import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- mesh and data
     mesh = parallel.make_mesh()
     dataset = data.load_dataset(config)
+    # An analytic estimate: a batch too large for the device fails here, not after compiling.
+    memory.check_fits(config, dataset.num_classes, jax.device_count())
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     schedule_steps = config.max_epochs * steps_per_epoch
     total_steps = min(schedule_steps, config.max_steps) if config.max_steps > 0 else schedule_steps
