@@ -95,6 +95,10 @@ def sharded_knn_scores(
     )(bank_features, bank_labels, query_features)
 
 
+def _no_report(done: int, total: int) -> None:
+    """The default progress hook of the evaluations: nothing to show."""
+
+
 class Evaluator:
     """Holds the evaluation data on the device and the jitted functions, built once per run."""
 
@@ -178,17 +182,21 @@ class Evaluator:
     def _starts(self, images):
         return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
 
-    def probe_accuracy(self, state) -> dict:
+    def probe_accuracy(self, state, report=_no_report) -> dict:
+        """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.test
+        starts = self._starts(images)
+        report(0, len(starts))
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(images):
+        for done, start in enumerate(starts, 1):
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            report(done, len(starts))
         return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def knn_bank(self, state):
+    def knn_bank(self, state, batch_done=lambda result: None):
         """The normalised clean features and labels of the training set, rows sharded."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         images, labels = self.train
@@ -201,14 +209,29 @@ class Evaluator:
         )()
         for index, start in enumerate(starts):
             bank = self._add_to_bank(bank, np.int32(index), variables, images, labels, start)
+            batch_done(bank)
         return bank
 
-    def knn_accuracy(self, state) -> dict:
+    def knn_accuracy(self, state, report=_no_report) -> dict:
+        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (the training
+        set's feature bank, then the test set's features and scores)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        bank_feats, bank_labels = self.knn_bank(state)
         images, labels = self.test
+        test_starts = self._starts(images)
+        total = len(self._starts(self.train[0])) + len(test_starts)
+        done = 0
+        report(done, total)
+
+        def batch_done(result):
+            nonlocal done
+            if report is not _no_report:  # a live count needs the batch finished, not queued
+                jax.block_until_ready(result)
+            done += 1
+            report(done, total)
+
+        bank_feats, bank_labels = self.knn_bank(state, batch_done)
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(images):
+        for start in test_starts:
             test_feats = self._features(variables, images, start)
             args = (bank_feats, bank_labels, test_feats, labels, start)
             if self._knn_compiled is None:
@@ -216,6 +239,7 @@ class Evaluator:
                 self._log_knn_memory(bank_feats, self._knn_compiled)
             counts = parallel.to_host(self._knn_compiled(*args))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            batch_done(counts)
         return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
 
     def _log_knn_memory(self, bank_feats, compiled):
