@@ -1,7 +1,8 @@
 """Evaluation on clean (only normalised) images: the online probe's accuracy and a kNN monitor.
 
-Top-1 of the online probe over the whole test set is the paper's headline metric. The kNN monitor
-is the usual protocol of solo-learn and InstDisc (Wu et al. 2018): cosine similarity to the clean
+Top-1 of the online probe over the whole test set is what the official code reports (a linear
+layer on stop-gradient features, trained alongside; Zhang et al., CVPR 2022). The kNN monitor is
+the usual protocol of solo-learn and InstDisc (Wu et al. 2018): cosine similarity to the clean
 training set, the k nearest vote with weights exp(sim / T).
 
 At ImageNet scale the training-feature bank (1.28 M × 2048 float32 = 10 GB) cannot be replicated,
