@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar100"
     c.data_path = ""
     c.data_dir = ""  # tfds data_dir; '' = tfds default.
+    # A text file of class names (WordNet IDs for ImageNet), one a line: only these classes are
+    # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt). '' = every class.
+    c.class_list = ""
     c.tfds_download = True
     c.synthetic_num_train = 512
     c.synthetic_num_test = 128
@@ -136,11 +139,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn_every_epochs = 10  # 0 disables the kNN monitor
     c.knn_k = 200
     c.knn_temperature = 0.1
+    c.knn_bank_dtype = "float32"  # or 'bfloat16': half the memory of the sharded feature bank
     c.eval_batch_size = 1024
 
     # Runtime.
     c.seed = 15
     c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
+    # Memory of one accelerator in GiB, for the check before compiling (simco_jax.memory);
+    # 0 = what JAX reports for the device (no check where it reports nothing, e.g. on CPU).
+    c.device_memory_gb = 0.0
     c.steps_per_dispatch = 8  # train steps fused into one jitted lax.scan
     c.log_every_steps = 50  # or log_every_epochs
     c.log_every_epochs = config_dict.placeholder(float)
@@ -241,6 +248,85 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
     return config
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_overrides() -> dict:
+    """MoCo v2's ImageNet recipe (Chen et al. 2020; facebookresearch/moco main_moco.py with
+    --mlp --aug-plus --cos): ResNet-50, SGD 0.03·B/256, wd 1e-4, cosine over 200 epochs without
+    warm-up, projector 2048→2048→128, key momentum 0.999, its augmentation at 224 px."""
+    return dict(
+        dataset="imagenet2012",
+        tfds_download=False,  # tfds cannot download ImageNet: it needs the manual tars
+        backbone="resnet50",
+        backbone_width=64,
+        cifar_stem=False,  # 7×7 stride-2 conv and 3×3 max-pool
+        proj_hidden_dim=2048,
+        proj_output_dim=128,
+        base_tau_momentum=0.999,
+        final_tau_momentum=0.999,
+        batch_size=256,
+        max_epochs=200,
+        lr=0.03,
+        scale_lr=True,
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_epochs=0,
+        crop_size=224,
+        min_scale=0.2,
+        max_scale=1.0,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        color_jitter_prob=0.8,
+        gray_scale_prob=0.2,
+        gaussian_prob=0.5,
+        solarization_prob=0.0,
+        horizontal_flip_prob=0.5,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eval_batch_size=1024,
+        knn_every_epochs=10,
+        knn_k=200,
+    )
+
+
+def imagenet_smoke_overrides() -> dict:
+    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU."""
+    return dict(
+        dataset="imagefolder",
+        backbone="resnet18",
+        backbone_width=4,
+        crop_size=32,
+        proj_hidden_dim=16,
+        proj_output_dim=16,
+        batch_size=32,
+        max_epochs=2,
+        steps_per_dispatch=2,
+        log_every_steps=2,
+        checkpoint_every_steps=8,
+        knn_every_epochs=1,
+        knn_k=10,
+        eval_batch_size=64,
+        dtype="float32",
+    )
+
+
+def apply_imagenet_variant(config: ml_collections.ConfigDict, arg: str | None, class_list: str):
+    """ImageNet `get_config(arg)` variants, comma-separated: 'imagenet100' (the 100 classes of
+    CMC and solo-learn, listed in `class_list`), 'smoke' (tiny network, an image folder)."""
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "imagenet100":
+            config.class_list = class_list
+        elif variant == "smoke":
+            config.update(imagenet_smoke_overrides())
+        else:
+            raise ValueError(f"unknown config variant {variant!r}; known: imagenet100, smoke")
+    return config
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says how to fix it."""
 
@@ -326,6 +412,7 @@ DOMAINS: dict[str, Domain] = {
     "dataset": NAME,
     "data_path": TEXT,
     "data_dir": TEXT,
+    "class_list": TEXT,
     "tfds_download": BOOL,
     "synthetic_num_train": integer(1, 10_000_000),
     "synthetic_num_test": integer(1, 10_000_000),
@@ -391,6 +478,7 @@ DOMAINS: dict[str, Domain] = {
     "knn_temperature": KNN_TEMPERATURE,
     "knn_every_epochs": integer(0),
     "eval_batch_size": integer(1, 2**20),
+    "knn_bank_dtype": one_of("float32", "bfloat16"),
     # Runtime.
     "seed": integer(0, 2**31 - 1),
     "dtype": one_of(*_DTYPES),
@@ -400,6 +488,7 @@ DOMAINS: dict[str, Domain] = {
     "checkpoint_every_steps": COUNT,
     "checkpoint_every_epochs": EPOCHS_OR_NONE,
     "keep_checkpoints": COUNT,
+    "device_memory_gb": real(0.0),  # 0 = ask JAX
     "max_steps": Domain(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or >= 1"),
 }
 

@@ -1,9 +1,15 @@
 """Evaluation on clean (only normalised) images: the online probe's accuracy and a kNN monitor.
 
 Top-1 of the online probe over the whole test set is what the official code reports (a linear
-layer on stop-gradient features, trained alongside; Zhang et al., CVPR 2022). The
-kNN monitor is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest
-vote with weights exp(sim / T).
+layer on stop-gradient features, trained alongside; Zhang et al., CVPR 2022). The kNN monitor is
+the usual protocol of solo-learn and InstDisc (Wu et al. 2018): cosine similarity to the clean
+training set, the k nearest vote with weights exp(sim / T).
+
+At ImageNet scale the training-feature bank (1.28 M × 2048 float32 = 10 GB) cannot be replicated,
+so it is sharded over the devices' data axis: each device scores the queries against its rows and
+keeps its own top k, the per-device lists are all-gathered (k per device per query) and merged by
+a final top k. The k nearest of all rows are among the union of the per-device k nearest, so this
+equals the direct computation on one device (up to the order of the k-term vote sums).
 
 The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
 `type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
@@ -18,13 +24,17 @@ constructor and `run`: a new evaluator is one module plus one config entry, e.g.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from simco_jax import augment, parallel
+
+log = logging.getLogger(__name__)
 
 
 def _pad_to_multiple(array: np.ndarray, multiple: int, fill=0) -> np.ndarray:
@@ -54,6 +64,47 @@ def knn_scores(train_features, train_labels, query_features, *, k, temperature, 
     weights = jnp.exp(top_sim / temperature)
     votes = jax.nn.one_hot(train_labels[top_idx], num_classes) * weights[..., None]
     return votes.sum(axis=1)
+
+
+def sharded_knn_scores(
+    mesh, bank_features, bank_labels, query_features, *, k, temperature, num_classes
+):
+    """`knn_scores` with the bank's rows sharded over the mesh's data axis; for use under jit.
+
+    bank_features: (..., rows, F) with rows sharded over `parallel.DATA_AXIS` (leading axes, e.g.
+    the evaluation batches the bank was written in, are flattened with the rows); bank_labels: the
+    matching (..., rows), label < 0 for padding; query_features: (Q, F), replicated. The bank may
+    be bfloat16 (similarities still accumulate in float32). Returns replicated (Q, num_classes).
+    """
+    spec = PartitionSpec(*([None] * (bank_labels.ndim - 1)), parallel.DATA_AXIS)
+
+    def local(feats, labels, queries):
+        feats = feats.reshape(-1, feats.shape[-1])
+        labels = labels.reshape(-1)
+        similarity = jnp.einsum(
+            "qf,nf->qn",
+            queries.astype(feats.dtype),
+            feats,
+            preferred_element_type=jnp.float32,
+        )
+        similarity = jnp.where(labels[None, :] >= 0, similarity, -jnp.inf)
+        top_sim, top_idx = jax.lax.top_k(similarity, min(k, labels.shape[0]))
+        # (Q, devices · k_local): every device's candidates, the same on every device.
+        top_sim = jax.lax.all_gather(top_sim, parallel.DATA_AXIS, axis=1, tiled=True)
+        top_labels = jax.lax.all_gather(labels[top_idx], parallel.DATA_AXIS, axis=1, tiled=True)
+        top_sim, merged = jax.lax.top_k(top_sim, min(k, top_sim.shape[1]))
+        top_labels = jnp.take_along_axis(top_labels, merged, axis=1)
+        weights = jnp.exp(top_sim / temperature)  # padding: exp(-inf) = 0, one_hot(-1) = 0
+        return (jax.nn.one_hot(top_labels, num_classes) * weights[..., None]).sum(axis=1)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(*spec, None), spec, PartitionSpec()),
+        out_specs=PartitionSpec(),
+        # all_gather's result is the same on every device, but JAX does not infer it.
+        check_vma=False,
+    )(bank_features, bank_labels, query_features)
 
 
 def _no_report(done: int, total: int) -> None:
@@ -96,13 +147,30 @@ class Evaluator:
             logits = probe.apply({"params": probe_params}, feats)
             return topk_correct(logits, jax.lax.dynamic_slice_in_dim(labels, start, self.batch))
 
-        def knn_counts(train_feats, train_labels, test_feats, test_labels, start):
-            query = jax.lax.dynamic_slice_in_dim(test_feats, start, self.batch)
-            scores = knn_scores(
-                train_feats,
-                train_labels,
+        # The kNN bank: (batches, rows, F), the rows of every batch sharded over the data axis
+        # (padded to a multiple of the device count), so each device holds 1/devices of it.
+        self.bank_dtype = jnp.dtype(config.get("knn_bank_dtype", "float32"))
+        self.bank_rows = -(-self.batch // mesh.size) * mesh.size
+        self._bank_sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
+
+        def add_to_bank(bank, index, variables, images, labels, start):
+            feats = features(variables, images, start)
+            feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
+            rows = jax.lax.dynamic_slice_in_dim(labels, start, self.batch)
+            pad = self.bank_rows - self.batch
+            feats = jnp.pad(feats, ((0, pad), (0, 0))).astype(self.bank_dtype)
+            rows = jnp.pad(rows, (0, pad), constant_values=-1)
+            put = lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, index, 0)
+            return put(bank[0], feats), put(bank[1], rows)
+
+        def knn_counts(bank_feats, bank_labels, test_feats, test_labels, start):
+            query = test_feats / jnp.linalg.norm(test_feats, axis=-1, keepdims=True).clip(1e-12)
+            scores = sharded_knn_scores(
+                mesh,
+                bank_feats,
+                bank_labels,
                 query,
-                k=min(config.knn_k, train_feats.shape[0]),
+                k=min(config.knn_k, bank_labels.size),
                 temperature=config.knn_temperature,
                 num_classes=self.num_classes,
             )
@@ -112,7 +180,11 @@ class Evaluator:
 
         self._features = jax.jit(features, out_shardings=replicated)
         self._probe_counts = jax.jit(probe_counts, out_shardings=replicated)
+        self._add_to_bank = jax.jit(
+            add_to_bank, out_shardings=self._bank_sharding, donate_argnums=0
+        )
         self._knn_counts = jax.jit(knn_counts, out_shardings=replicated)
+        self._knn_compiled = None  # compiled at the first kNN evaluation, memory logged then
 
     def _to_device(self, images, labels):
         images = _pad_to_multiple(images, self.batch)
@@ -149,20 +221,29 @@ class Evaluator:
             report(done, len(starts))
         return {k: 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def _normalized_features(self, variables, images, batch_done):
-        batches = []
-        for start in self._starts(images):
-            batches.append(self._features(variables, images, start))
-            batch_done(batches[-1])
-        feats = jnp.concatenate(batches)
-        return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
+    def knn_bank(self, state, batch_done=lambda result: None):
+        """The normalised clean features and labels of the training set, rows sharded."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        images, labels = self.train
+        starts = self._starts(images)
+        dim = jax.eval_shape(self._features, variables, images, starts[0]).shape[-1]
+        shape = (len(starts), self.bank_rows)
+        bank = jax.jit(
+            lambda: (jnp.zeros((*shape, dim), self.bank_dtype), jnp.full(shape, -1, jnp.int32)),
+            out_shardings=self._bank_sharding,
+        )()
+        for index, start in enumerate(starts):
+            bank = self._add_to_bank(bank, np.int32(index), variables, images, labels, start)
+            batch_done(bank)
+        return bank
 
     def knn_topk(self, state, report=_no_report) -> dict:
-        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (features of
-        the training and test sets, then the scoring of the test set)."""
+        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (the training
+        set's feature bank, then the test set's features and scores)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        test_starts = self._starts(self.test[0])
-        total = len(self._starts(self.train[0])) + 2 * len(test_starts)
+        images, labels = self.test
+        test_starts = self._starts(images)
+        total = len(self._starts(self.train[0])) + len(test_starts)
         done = 0
         report(done, total)
 
@@ -173,16 +254,37 @@ class Evaluator:
             done += 1
             report(done, total)
 
-        train_feats = self._normalized_features(variables, self.train[0], batch_done)
-        test_feats = self._normalized_features(variables, self.test[0], batch_done)
+        bank_feats, bank_labels = self.knn_bank(state, batch_done)
         totals = {"top1": 0, "top5": 0}
         for start in test_starts:
-            counts = parallel.to_host(
-                self._knn_counts(train_feats, self.train[1], test_feats, self.test[1], start)
-            )
+            test_feats = self._features(variables, images, start)
+            args = (bank_feats, bank_labels, test_feats, labels, start)
+            if self._knn_compiled is None:
+                self._knn_compiled = self._knn_counts.lower(*args).compile()
+                self._log_knn_memory(bank_feats, self._knn_compiled)
+            counts = parallel.to_host(self._knn_compiled(*args))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
             batch_done(counts)
         return {k: 100.0 * v / self.num_test for k, v in totals.items()}
+
+    def _log_knn_memory(self, bank_feats, compiled):
+        """Logs the bank's bytes per device and the scoring step's compiled temporary memory."""
+        if not parallel.is_main_process():
+            return
+        per_device = bank_feats.addressable_shards[0].data.nbytes
+        stats = compiled.memory_analysis()
+        temp = getattr(stats, "temp_size_in_bytes", None)
+        log.info(
+            "kNN bank: %d rows x %d %s, %.2f MiB per device over %d devices; scoring %d queries "
+            "needs %s MiB of temporaries per device",
+            bank_feats.shape[0] * bank_feats.shape[1],
+            bank_feats.shape[2],
+            self.bank_dtype.name,
+            per_device / 2**20,
+            self.mesh.size,
+            self.batch,
+            "?" if temp is None else f"{temp / 2**20:.2f}",
+        )
 
 
 # ---------------------------------------------------------------- the evaluator registry

@@ -16,7 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simco_jax import checkpointing, data, evaluate, parallel, progress, train_step, writers
+from simco_jax import (
+    checkpointing,
+    data,
+    evaluate,
+    memory,
+    parallel,
+    progress,
+    train_step,
+    writers,
+)
 from simco_jax import config as config_lib
 from simco_jax import workdir as workdir_lib
 
@@ -140,6 +149,8 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     # ---------------------------------------------------------------- mesh and data
     mesh = parallel.make_mesh()
     dataset = data.load_dataset(config)
+    # An analytic estimate: a batch too large for the device fails here, not after compiling.
+    memory.check_fits(config, dataset.num_classes, jax.device_count())
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     total_steps = _total_steps(config, steps_per_epoch)
     train_images, train_labels = parallel.put_replicated(

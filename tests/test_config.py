@@ -88,6 +88,7 @@ BAD_VALUES = {
     "dataset": ["", 3],
     "data_path": [None],
     "data_dir": [1.0],
+    "class_list": [3],
     "tfds_download": ["yes", 1],
     "synthetic_num_train": [0, 10**9],
     "synthetic_num_test": [0],
@@ -152,6 +153,7 @@ BAD_VALUES = {
     "knn_temperature": [0.0, 0.001, math.inf],
     "knn_every_epochs": [-1],
     "eval_batch_size": [0],
+    "knn_bank_dtype": ["float16"],
     "seed": [-1, 2**40],
     "dtype": ["float16"],
     "steps_per_dispatch": [0],
@@ -160,6 +162,7 @@ BAD_VALUES = {
     "checkpoint_every_steps": [0],
     "checkpoint_every_epochs": [math.nan],
     "keep_checkpoints": [0, -1],
+    "device_memory_gb": [-1.0, math.inf],
     "max_steps": [0, -2],
 }
 
