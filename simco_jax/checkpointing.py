@@ -1,10 +1,12 @@
 """Orbax checkpoints of the train state, with a compatibility record and corruption fallback.
 
-Each checkpoint holds the state pytree and a small JSON record of the settings that fix the
-state's shapes. Restoring checks the record first, so a workdir from another model or queue size
-fails with a message instead of a shape error, and a latest checkpoint that cannot be read
-(truncated, corrupted) is skipped with a warning for the one before it, and moved to
-`unreadable_checkpoints/` next to the checkpoint directory so that its step can be saved again.
+Each checkpoint holds the state pytree, a small JSON record of the settings that fix the
+state's shapes, and the input stream's position (`inputs`: the next step, the epoch and the batch
+within it, the dataset's size, the seed). Restoring checks the record first, so a workdir from
+another model or queue size fails with a message instead of a shape error, and a latest
+checkpoint that cannot be read (truncated, corrupted) is skipped with a warning for the one before
+it, and moved to `unreadable_checkpoints/` next to the checkpoint directory so that its step can
+be saved again.
 """
 
 from __future__ import annotations
@@ -44,16 +46,19 @@ def compatibility_record(config, num_classes: int) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3):
+    def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3, input_position=None):
+        """`input_position(step) -> dict`: the input stream's position, saved with every step and
+        compared on restore (None: not saved, not checked)."""
         self.directory = os.path.abspath(directory)
         self.record = record
+        self.input_position = input_position
         # cleanup_tmp_directories: a step whose save was cut short (SIGKILL, a lost host) is a
         # `<step>.orbax-checkpoint-tmp` dir; never restored, but removed so it cannot pile up.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "record")
+            self.directory, options=options, item_names=("state", "record", "input")
         )
 
     def latest_step(self) -> int | None:
@@ -64,13 +69,10 @@ class Checkpointer:
         checkpoint) is left as it is."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record)
-            ),
-            force=True,
-        )
+        items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record))
+        if self.input_position is not None:
+            items["input"] = ocp.args.JsonSave(self.input_position(step))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def _check_record(self, step: int) -> None:
         restored = self.manager.restore(
@@ -87,6 +89,22 @@ class Checkpointer:
                 f"({detail}). Use a fresh --workdir, or restore the config that wrote it."
             )
 
+    def _check_input(self, step: int) -> None:
+        """The saved stream position must be where today's input resumes at `step`: the same
+        dataset size, batch, seed and order (a changed image folder would silently reorder)."""
+        saved_input = os.path.join(self.directory, str(step), "input")
+        if self.input_position is None or not os.path.exists(saved_input):
+            return  # not recorded (an older checkpoint): nothing to compare
+        saved = self.manager.restore(step, args=ocp.args.Composite(input=ocp.args.JsonRestore()))
+        saved, now = dict(saved["input"]), self.input_position(step)
+        if saved != now:
+            diffs = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+            raise CheckpointError(
+                f"the input stream saved with step {step} in {self.directory} differs from "
+                f"today's input ({diffs}: (saved, now)); the data, batch size or input mode "
+                f"changed. Restore them, or use a fresh --workdir."
+            )
+
     def restore_latest(self, template):
         """The newest readable checkpoint, in `template`'s shapes and shardings; None if none."""
         abstract = jax.tree.map(
@@ -97,6 +115,7 @@ class Checkpointer:
             for step in sorted(self.manager.all_steps(), reverse=True):
                 try:
                     self._check_record(step)
+                    self._check_input(step)
                     restored = self.manager.restore(
                         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                     )

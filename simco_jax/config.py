@@ -23,16 +23,23 @@ import ml_collections
 _DTYPES = ("auto", "float32", "bfloat16")
 _BACKBONES = ("resnet18", "resnet50")
 _LR_SCHEDULE_UNITS = ("epoch", "step")
+_INPUT_MODES = ("auto", "resident", "streaming")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults: the official SimCo recipe on CIFAR-100 (spec §3). Frameworks override §2 keys."""
     c = ml_collections.ConfigDict()
 
-    # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, ...), 'npz' (arrays in
-    # `data_path`) or 'synthetic' (generated, learnable; for smoke runs and tests).
+    # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, imagenet2012, ...),
+    # 'npz' (arrays in `data_path`), 'imagefolder' (torchvision's layout: `data_path`/train/<class>/
+    # and `data_path`/val/<class>/) or 'synthetic' (generated, learnable; for smoke runs and tests).
     c.dataset = "cifar100"
     c.data_path = ""
+    # 'resident': the whole train set on every device; 'streaming': each host decodes and crops
+    # its share of every batch; 'auto': streaming for image folders and large tfds datasets.
+    c.input_mode = "auto"
+    c.input_threads = 0  # streaming: host decoding threads per process; 0 = one per CPU core
+    c.max_unreadable_fraction = 0.001  # streaming: more unreadable images than this stops the run
     c.data_dir = ""  # tfds data_dir; '' = tfds default.
     c.tfds_download = True
     c.synthetic_num_train = 512
@@ -227,3 +234,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         fail("eval_batch_size must be >= 1")
     if config.dataset == "npz" and not config.data_path:
         fail("dataset='npz' needs --config.data_path=/path/to/arrays.npz")
+    if config.input_mode not in _INPUT_MODES:
+        fail(f"input_mode must be one of {_INPUT_MODES}, got {config.input_mode!r}")
+    if config.dataset == "imagefolder":
+        if not config.data_path:
+            fail("dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)")
+        if config.input_mode == "resident":
+            fail("dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'")
+    if config.input_threads < 0:
+        fail(f"input_threads must be >= 0 (0 = one per core), got {config.input_threads}")
+    if not 0.0 <= config.max_unreadable_fraction <= 1.0:
+        fail(f"max_unreadable_fraction must lie in [0, 1], got {config.max_unreadable_fraction}")

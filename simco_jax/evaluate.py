@@ -14,14 +14,6 @@ import numpy as np
 from simco_jax import augment, parallel
 
 
-def _pad_to_multiple(array: np.ndarray, multiple: int, fill=0) -> np.ndarray:
-    extra = -len(array) % multiple
-    if not extra:
-        return array
-    pad = np.full((extra, *array.shape[1:]), fill, array.dtype)
-    return np.concatenate([array, pad])
-
-
 def topk_correct(scores, labels, ks=(1, 5)):
     """Number of rows whose label is among the top-k scores, for each k; label < 0 is padding."""
     ranked = jnp.argsort(-scores, axis=-1)
@@ -44,18 +36,17 @@ def knn_scores(train_features, train_labels, query_features, *, k, temperature, 
 
 
 class Evaluator:
-    """Holds the evaluation data on the device and the jitted functions, built once per run."""
+    """The jitted evaluation functions, built once per run, over the evaluation sources of
+    `inputs` (`data.test`, `data.train_eval`: resident arrays or streams, padded with label −1)."""
 
-    def __init__(self, config, model, probe, dataset, mesh):
+    def __init__(self, config, model, probe, data, mesh):
         self.config, self.model, self.probe = config, model, probe
-        self.num_classes = dataset.num_classes
-        self.batch = config.eval_batch_size
+        self.num_classes = data.num_classes
+        self.test, self.train = data.test, data.train_eval
+        self.batch = self.test.batch_size
         self.mesh = mesh
         aug = augment.AugmentParams.from_config(config)
-        # Padding rows carry label -1 and are never counted.
-        self.test = self._to_device(dataset.test_images, dataset.test_labels)
-        self.train = self._to_device(dataset.train_images, dataset.train_labels)
-        self.num_test = len(dataset.test_labels)
+        self.num_test = self.test.num_examples
         batch_sharding = (
             parallel.batch_sharded(mesh)
             if self.batch % mesh.size == 0
@@ -97,38 +88,33 @@ class Evaluator:
         self._probe_counts = jax.jit(probe_counts, out_shardings=replicated)
         self._knn_counts = jax.jit(knn_counts, out_shardings=replicated)
 
-    def _to_device(self, images, labels):
-        images = _pad_to_multiple(images, self.batch)
-        labels = _pad_to_multiple(labels.astype(np.int32), self.batch, fill=-1)
-        return parallel.put_replicated((images, labels), self.mesh)
-
-    def _starts(self, images):
-        return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
-
     def probe_accuracy(self, state) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        images, labels = self.test
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(images):
+        for images, labels, start in self.test.batches():
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
         return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def _normalized_features(self, variables, images):
-        feats = jnp.concatenate(
-            [self._features(variables, images, s) for s in self._starts(images)]
-        )
-        return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
+    def _normalized_features(self, variables, source):
+        """(L2-normalised features, labels) of a whole source, padding rows included."""
+        feats, labels = [], []
+        for images, batch_labels, start in source.batches():
+            feats.append(self._features(variables, images, start))
+            labels.append(jax.lax.dynamic_slice_in_dim(batch_labels, start, self.batch))
+        feats = jnp.concatenate(feats)
+        norms = jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
+        return feats / norms, jnp.concatenate(labels)
 
     def knn_accuracy(self, state) -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        train_feats = self._normalized_features(variables, self.train[0])
-        test_feats = self._normalized_features(variables, self.test[0])
+        train_feats, train_labels = self._normalized_features(variables, self.train)
+        test_feats, test_labels = self._normalized_features(variables, self.test)
         totals = {"top1": 0, "top5": 0}
-        for start in self._starts(self.test[0]):
-            counts = parallel.to_host(
-                self._knn_counts(train_feats, self.train[1], test_feats, self.test[1], start)
-            )
+        for start in range(0, test_feats.shape[0], self.batch):
+            start = np.int32(start)
+            counts = self._knn_counts(train_feats, train_labels, test_feats, test_labels, start)
+            counts = parallel.to_host(counts)
             totals = {k: totals[k] + int(counts[k]) for k in totals}
         return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +24,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from simco_jax import augment, checkpointing, data, evaluate, models, parallel, train_step, writers
+from simco_jax import (
+    augment,
+    checkpointing,
+    evaluate,
+    inputs,
+    models,
+    parallel,
+    train_step,
+    writers,
+)
 from simco_jax import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -165,11 +175,15 @@ def linear_schedule(config, total_steps: int):
     return optax.constant_schedule(lr)
 
 
-def _train_linear(config, run: RestoredRun, dataset, evaluator, workdir: str) -> dict:
-    """Trains a fresh linear classifier on frozen features; returns top-1/top-5 and a summary."""
+def _train_linear(config, run: RestoredRun, data, evaluator, workdir: str) -> dict:
+    """Trains a fresh linear classifier on frozen features; returns top-1/top-5 and a summary.
+
+    `data` (from `inputs.create` at the linear batch size, scale and seed) feeds the steps:
+    resident rows gathered and cropped on the device, or streamed host crops (view 1).
+    """
     mesh, model = run.mesh, run.comps.model
     batch = config.linear_batch_size
-    num_train = len(dataset.train_labels)
+    num_train = data.num_train
     steps_per_epoch = num_train // batch
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(
@@ -191,13 +205,12 @@ def _train_linear(config, run: RestoredRun, dataset, evaluator, workdir: str) ->
         mean=aug.mean,
         std=aug.std,
     )
-    classifier = models.LinearProbe(dataset.num_classes)
+    classifier = models.LinearProbe(data.num_classes)
     tx = optax.chain(
         optax.add_decayed_weights(config.linear_weight_decay),
         optax.sgd(linear_schedule(config, schedule_steps), momentum=config.linear_momentum),
     )
     replicated = parallel.replicated(mesh)
-    batch_sharding = parallel.batch_sharded(mesh) if batch % mesh.size == 0 else replicated
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     feature_dim = models.feature_dim(run.config.backbone, run.config.backbone_width)
     rng = jax.random.PRNGKey(config.seed)
@@ -206,22 +219,19 @@ def _train_linear(config, run: RestoredRun, dataset, evaluator, workdir: str) ->
         out_shardings=replicated,
     )()
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-    images, labels = parallel.put_replicated(
-        (dataset.train_images, dataset.train_labels.astype(np.int32)), mesh
-    )
 
-    def step_fn(params, opt_state, step, variables, images, labels):
-        indices = train_step.epoch_batch_indices(
-            rng, step // steps_per_epoch, num_train, steps_per_epoch, batch
-        )[step % steps_per_epoch]
-        indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-        views = augment.augment_view(jax.random.fold_in(rng, step), images[indices], aug)
+    def step_fn(params, opt_state, step, variables, batch_data):
+        # The resident order is drawn from this rng, as the pretraining's from its state's.
+        order = types.SimpleNamespace(step=step, rng=rng)
+        images, targets = data.train.select(order, batch_data, 0)
+        crop = not isinstance(images, tuple)  # streamed: two host crops, the first one serves
+        images = images if crop else images[0]
+        views = augment.augment_view(jax.random.fold_in(rng, step), images, aug, crop)
         features, _ = model.apply(variables, views, train=False)  # frozen, inference-mode BN
         features = jax.lax.stop_gradient(features.astype(jnp.float32))
 
         def loss_fn(p):
             logits = classifier.apply({"params": p}, features)
-            targets = labels[indices]
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
             return ce, jnp.mean(jnp.argmax(logits, -1) == targets)
 
@@ -231,7 +241,7 @@ def _train_linear(config, run: RestoredRun, dataset, evaluator, workdir: str) ->
 
     step_jit = jax.jit(
         step_fn,
-        in_shardings=(replicated,) * 6,
+        in_shardings=(replicated,) * 4 + (data.train.sharding,),
         out_shardings=(replicated,) * 4,
         donate_argnums=(0, 1),
     )
@@ -240,7 +250,7 @@ def _train_linear(config, run: RestoredRun, dataset, evaluator, workdir: str) ->
     try:
         for step in range(total_steps):
             params, opt_state, loss, accuracy = step_jit(
-                params, opt_state, np.int32(step), variables, images, labels
+                params, opt_state, np.int32(step), variables, data.train.batches(step)
             )
             losses.append(loss)
             accuracies.append(accuracy)
@@ -308,21 +318,30 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn_temperature=config.knn_temperature,
         eval_batch_size=config.eval_batch_size,
     )
-    dataset = data.load_dataset(run.config)
+    # The linear classifier's input: its own batch size, crop scale, epochs and order seed (the
+    # run's seed stays: synthetic data is generated from it).
+    input_config = ml_collections.ConfigDict(eval_config.to_dict())
+    input_config.update(
+        batch_size=config.linear_batch_size,
+        min_scale=config.linear_min_scale,
+        max_scale=1.0,
+        max_epochs=config.linear_epochs,
+    )
+    data = inputs.create(input_config, run.mesh, order_seed=config.seed)
     evaluator = evaluate.Evaluator(
-        eval_config, run.comps.model, models.LinearProbe(dataset.num_classes), dataset, run.mesh
+        eval_config, run.comps.model, models.LinearProbe(data.num_classes), data, run.mesh
     )
     common = {
         "pretrained": os.path.abspath(config.pretrained),
         "pretrained_step": run.step,
-        "dataset": dataset.name,
+        "dataset": data.name,
         "device": _device_description(),
     }
-    log.info("evaluating %s at step %d on %s", config.pretrained, run.step, dataset.name)
+    log.info("evaluating %s at step %d on %s", config.pretrained, run.step, data.name)
     results = {}
     if config.mode in ("linear", "both"):
         start = time.perf_counter()
-        linear = _train_linear(config, run, dataset, evaluator, workdir)
+        linear = _train_linear(config, run, data, evaluator, workdir)
         linear.update(common, wall_s=time.perf_counter() - start)
         _write_json(linear, config.pretrained, workdir, name="linear_eval.json")
         log.info("linear eval: top-1 %.2f top-5 %.2f", linear["top1"], linear["top5"])
@@ -333,7 +352,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn = {
             "top1": knn["knn_top1"],
             "top5": knn["knn_top5"],
-            "k": min(config.knn_k, len(dataset.train_labels)),
+            "k": min(config.knn_k, data.num_train),
             "temperature": config.knn_temperature,
             **common,
             "wall_s": time.perf_counter() - start,
@@ -341,4 +360,5 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         _write_json(knn, config.pretrained, workdir, name="knn_eval.json")
         log.info("kNN eval: top-1 %.2f top-5 %.2f", knn["top1"], knn["top5"])
         results["knn"] = knn
+    data.close()
     return results

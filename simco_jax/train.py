@@ -1,8 +1,8 @@
 """The trainer: `train_and_evaluate(config, workdir)`, read top to bottom.
 
-Sections: checks → mesh → data on the device → state (fresh or resumed) → jitted chunk of steps →
-loop with logging, evaluation, checkpoints, preemption and NaN guards. `launch.py` only parses
-flags and calls this; tests and notebooks call it too.
+Sections: checks → mesh → inputs (resident or streaming) → state (fresh or resumed) → jitted
+chunk of steps → loop with logging, evaluation, checkpoints, preemption and NaN guards.
+`launch.py` only parses flags and calls this; tests and notebooks call it too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simco_jax import checkpointing, data, evaluate, parallel, train_step, writers
+from simco_jax import checkpointing, evaluate, inputs, parallel, train_step, writers
 from simco_jax import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -70,28 +70,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    # ---------------------------------------------------------------- mesh and data
+    # ---------------------------------------------------------------- mesh and inputs
     mesh = parallel.make_mesh()
-    dataset = data.load_dataset(config)
-    steps_per_epoch = len(dataset.train_labels) // config.batch_size
+    data = inputs.create(config, mesh)  # resident arrays or a per-process stream: see `inputs`
+    steps_per_epoch = data.num_train // config.batch_size
     schedule_steps = config.max_epochs * steps_per_epoch
     total_steps = min(schedule_steps, config.max_steps) if config.max_steps > 0 else schedule_steps
-    train_images, train_labels = parallel.put_replicated(
-        (dataset.train_images, dataset.train_labels.astype(np.int32)), mesh
-    )
 
     # ---------------------------------------------------------------- model, optimizer, state
-    comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
+    comps = train_step.build_components(config, data.num_classes, steps_per_epoch)
     replicated = parallel.replicated(mesh)
     init = jax.jit(
-        lambda: train_step.create_train_state(config, comps, dataset.train_images.shape[1:]),
+        lambda: train_step.create_train_state(config, comps, data.image_shape),
         out_shardings=replicated,
     )
     state = init()
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        checkpointing.compatibility_record(config, dataset.num_classes),
+        checkpointing.compatibility_record(config, data.num_classes),
         max_to_keep=config.keep_checkpoints,
+        input_position=data.train.position,
     )
     restored = ckpt.restore_latest(state)
     if restored is not None:
@@ -99,11 +97,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = int(parallel.to_host(state.step))
     if main:
         log.info(
-            "%s: %d train / %d test images, %d classes; %d steps per epoch on %d devices; %s",
-            dataset.name,
-            len(dataset.train_labels),
-            len(dataset.test_labels),
-            dataset.num_classes,
+            "%s (%s): %d train / %d test images, %d classes; %d steps per epoch on %d devices; %s",
+            data.name,
+            data.mode,
+            data.num_train,
+            data.test.num_examples,
+            data.num_classes,
             steps_per_epoch,
             jax.device_count(),
             f"resumed at step {start_step}" if start_step else "fresh start",
@@ -111,20 +110,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- jitted chunk of steps
     step_fn = train_step.make_train_step(config, comps)
-    dispatch_steps = train_step.steps_per_dispatch(config)  # 1 on CPU: see its docstring
+    # 1 on CPU (see steps_per_dispatch) and when streaming (one host batch per step).
+    dispatch_steps = train_step.steps_per_dispatch(config) if data.train.fuses_steps else 1
     chunk = jax.jit(
         train_step.make_train_chunk(
             config,
             comps,
             step_fn,
             chunk_size=dispatch_steps,
-            batch_sharding=parallel.batch_sharded(mesh),
+            select=data.train.select,
         ),
-        in_shardings=(replicated, replicated, replicated, None),
+        in_shardings=(replicated, data.train.sharding, None),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    evaluator = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
+    evaluator = evaluate.Evaluator(config, comps.model, comps.probe, data, mesh)
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
 
     # ---------------------------------------------------------------- train loop
@@ -169,7 +169,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 step // config.checkpoint_every_steps + 1
             ) * config.checkpoint_every_steps
             stop_at = min(next_epoch_end, next_checkpoint, total_steps)
-            state, metrics = chunk(state, train_images, train_labels, np.int32(stop_at))
+            state, metrics = chunk(state, data.train.batches(step), np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
 
@@ -230,6 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 break
         summary["step"] = step
     finally:
+        data.close()
         ckpt.close()
         writer.close()
         if previous_handler is not None:

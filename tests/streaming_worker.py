@@ -1,0 +1,55 @@
+"""Worker of tests/test_streaming.py: trains SimCo on an image folder in streaming mode on this
+process's devices, recording every file it opens.
+
+    python tests/streaming_worker.py ROOT OUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+
+def main(root, out_dir, coordinator="", num_processes="0", process_id="-1"):
+    from simco_jax import parallel
+
+    parallel.initialize_distributed(coordinator, int(num_processes), int(process_id))
+    import jax
+    from helpers import framework_config
+    from test_streaming import STREAMING
+
+    from simco_jax import streaming, train, writers
+
+    opened = []
+    decode = streaming.decode_rgb
+
+    def recording_decode(file):
+        opened.append(str(file))
+        return decode(file)
+
+    streaming.decode_rgb = recording_decode
+    config = framework_config(
+        "simco",
+        **STREAMING,
+        data_path=root,
+        max_steps=3,
+        log_every_steps=1,
+        checkpoint_every_steps=1000,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    workdir = os.path.join(out_dir, "run")
+    train.train_and_evaluate(config, workdir)
+    records = writers.read_metrics(workdir) if jax.process_index() == 0 else []
+    np.savez(
+        os.path.join(out_dir, "result.npz"),
+        losses=np.array([r["loss"] for r in records if "loss" in r]),
+        devices=jax.device_count(),
+        opened=np.array(sorted(set(opened))),
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
