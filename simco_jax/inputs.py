@@ -295,8 +295,8 @@ class StreamingTrain:
 
     def _to_device(self, batch):
         step = int(batch["step"][0])
-        if step % self.steps_per_epoch == 0 and step > 0:  # the previous epoch is fully read
-            self._report(step // self.steps_per_epoch - 1)
+        if (step + 1) % self.steps_per_epoch == 0:  # the epoch's last batch: it is fully read
+            self._report(step // self.steps_per_epoch)
         put = lambda key: _global_array(batch[key], self.sharding, self.batch)
         return step, ((put("view1"), put("view2")), put("label"))
 

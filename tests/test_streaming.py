@@ -5,6 +5,7 @@ downloaded. The resident path is pinned first: its losses must not move with the
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -360,6 +361,9 @@ def test_image_folder_trains_in_streaming_mode_and_replaces_the_truncated_file(
     final = [r for r in records if "probe_top1" in r][-1]
     assert 0 <= final["probe_top1"] <= final["probe_top5"] <= 100 and "knn_top1" in final
     assert state.probe_params["linear"]["kernel"].shape[-1] == len(CLASSES)
+    # The truncated file was logged by path, and counted at the end of each epoch that met it.
+    assert f"unreadable image {special['truncated']}" in caplog.text
+    assert re.search(r"process 0: 1 unreadable images replaced in epoch [01]", caplog.text)
 
 
 def _launch_args(root, workdir, framework="simco", **overrides):
