@@ -265,7 +265,9 @@ class StreamingTrain:
         self.shard = _process_shard()
         self.local_batch = self.shard.local(self.batch)
         self.steps_per_epoch = len(split) // self.batch
-        self.end = config.max_epochs * self.steps_per_epoch
+        self.end = config.max_epochs * self.steps_per_epoch  # no reading ahead past the run
+        if config.max_steps > 0:
+            self.end = min(self.end, config.max_steps)
         self.files = streaming.UnreadableFiles(split, config.max_unreadable_fraction)
         self.sharding = parallel.batch_sharded(mesh)
         self.stream = None

@@ -326,6 +326,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         min_scale=config.linear_min_scale,
         max_scale=1.0,
         max_epochs=config.linear_epochs,
+        max_steps=config.linear_max_steps,
     )
     data = inputs.create(input_config, run.mesh, order_seed=config.seed)
     evaluator = evaluate.Evaluator(

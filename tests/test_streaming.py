@@ -542,3 +542,24 @@ def test_two_processes_read_only_their_own_files_and_train_as_one(
     opened = [set(r["opened"]) for r in results]
     assert opened[0] and opened[1] and opened[0] & opened[1] <= {replacement}
     assert opened[0] | opened[1] == set(one_and_eight_devices[1]["opened"])
+
+
+def test_offline_linear_and_knn_evaluation_stream_an_image_folder(folder, tmp_path):
+    """The offline evaluation reads a streamed run through the same input seam: its kNN equals
+    the run's final kNN (same checkpoint, same evaluation crops), its classifier trains."""
+    import importlib
+
+    from simco_jax import linear_eval
+
+    root, _ = folder
+    pretrained = tmp_path / "pretrained"
+    _run(_config(root=root, max_steps=2, checkpoint_every_steps=2), pretrained)
+    config = importlib.import_module("configs.linear_eval").get_config("smoke")
+    config.update(pretrained=str(pretrained), linear_batch_size=32, linear_max_steps=2)
+    results = linear_eval.evaluate_checkpoint(config, str(tmp_path / "eval"))
+    online = [r for r in writers.read_metrics(str(pretrained)) if "knn_top1" in r][-1]
+    knn = results["knn"]
+    assert (knn["top1"], knn["top5"]) == (online["knn_top1"], online["knn_top5"])
+    linear = results["linear"]
+    assert linear["steps"] == 2 and np.isfinite(linear["final_loss"])
+    assert 0 <= linear["top1"] <= linear["top5"] <= 100
