@@ -16,8 +16,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from simco_jax import checkpointing, data, linear_eval, parallel, train, workdir
 from simco_jax import config as config_lib
-from simco_jax import linear_eval, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
@@ -32,13 +32,47 @@ _HEARTBEAT = flags.DEFINE_integer(
     "Multi-host: seconds without a heartbeat after which a process counts as dead and the others "
     "stop with an error (default: JAX's, 100).",
 )
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Print the full traceback of expected errors too (bad config, data, ...)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+# What a user can cause and fix: one line `error: <message>`, exit 2 (--verbose: the traceback
+# too). Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (
+    config_lib.ConfigError,
+    data.DataError,
+    checkpointing.CheckpointError,
+    checkpointing.CheckpointSaveError,
+    train.NonFiniteLossError,
+    workdir.WorkdirLockError,
+)
+
+
+def _fail(message: str, *, code: int = 2):
+    if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
+        traceback.print_exc()
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def _one_line(message: str) -> str:
+    """A multi-line message (a config file's traceback inside a flag error) as its first and
+    last lines: where, and what."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
 
 
 def parse_flags(argv):
-    """absl's parser, with one line instead of a traceback for an unknown --config.KEY."""
+    """absl's parser, with one line instead of a traceback for an unknown --config.KEY, a
+    config file that does not load, or any other bad flag."""
     try:
-        return app.parse_flags_with_usage(argv)
+        remaining = flags.FLAGS(argv)
+        "pretrained" in _CONFIG.value  # noqa: B015 - a config file that failed to load raises when read
+        return remaining
     except (AttributeError, KeyError):  # what ml_collections raises for an unknown field
         known = sorted(config_lib.base_config().keys())
         names = [a[len("--config.") :].split("=")[0] for a in argv if a.startswith("--config.")]
@@ -47,12 +81,15 @@ def parse_flags(argv):
             raise
         hints = [difflib.get_close_matches(n, known, n=1) for n in unknown]
         close = [f"--config.{h[0]}" for h in hints if h]
-        sys.stderr.write(
-            f"FATAL Flags parsing error: unknown config key(s) {unknown}"
+        _fail(
+            f"unknown config key(s) {unknown}"
             + (f"; did you mean {close}?" if close else ".")
-            + f" Known keys: {known}\n"
+            + f" Known keys: {known}"
         )
-        sys.exit(1)
+    except flags.Error as error:
+        _fail(_one_line(str(error)))
+    except OSError as error:  # --config=a path that does not exist or cannot be read
+        _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
 
 
 def main(argv):
@@ -65,11 +102,15 @@ def main(argv):
     )
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax; our progress stays at INFO
     logging.getLogger("simco_jax").setLevel(logging.INFO)
-    if "pretrained" in _CONFIG.value:  # configs/linear_eval.py: evaluate a finished run
-        linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-        return
     try:
+        if "pretrained" in _CONFIG.value:  # configs/linear_eval.py: evaluate a finished run
+            linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+            return
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except EXPECTED_ERRORS as error:
+        _fail(str(error))
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint may not exist
+        _fail("aborted by a second Ctrl-C; a rerun resumes from the last checkpoint", code=130)
     except jax.errors.JaxRuntimeError:
         if jax.process_count() == 1:
             raise
@@ -83,8 +124,8 @@ def main(argv):
         )
         sys.stderr.flush()
         os._exit(1)
-    if summary.get("preempted"):
-        raise SystemExit(143)  # stopped by SIGTERM after checkpointing: rerun the same command
+    if summary.get("preempted"):  # stopped by SIGTERM or Ctrl-C after checkpointing
+        raise SystemExit(128 + summary["preempted"])  # 143 or 130: rerun the same command
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ a synthetic uint8 array of CIFAR shape) and measures:
 * with --baseline: the same for bare jitted forward/backward steps of the same encoder on
   pre-augmented float inputs — two online forward passes per step with the backward passes the
   loss needs (both views; view 1 alone for a one-way loss with momentum keys), plus the momentum
-  encoder's forward passes where the framework has one (one for a one-way loss, two for a
-  symmetric one, as the full step does) — and the ratio full step / bare step.
+  encoder's forward passes where the framework has one (one per view, as the full step and the
+  official code do) — and the ratio full step / bare step.
 
 CPU (about 5 minutes on 2 cores; ResNet-18 at batch 64):
 
@@ -271,7 +271,7 @@ def make_bare_chunk(config, comps, chunk_size: int):
     No augmentation, optimizer state, probe, EMA, queue, data gather or contrastive loss.
     """
     model = comps.model
-    momentum_passes = (2 if config.symmetric else 1) if config.momentum_encoder else 0
+    momentum_passes = 2 if config.momentum_encoder else 0  # both views, as the full step
 
     def forward(params, stats, view):
         (_, projections), updates = model.apply(

@@ -1,37 +1,61 @@
 """Orbax checkpoints of the train state, with a compatibility record and corruption fallback.
 
-Each checkpoint holds the state pytree, a small JSON record of the settings that fix the
-state's shapes, and the input stream's position (`inputs`: the next step, the epoch and the batch
-within it, the dataset's size, the seed). Restoring checks the record first, so a workdir from
-another model or queue size fails with a message instead of a shape error, and a latest
-checkpoint that cannot be read (truncated, corrupted) is skipped with a warning for the one before
-it, and moved to `unreadable_checkpoints/` next to the checkpoint directory so that its step can
-be saved again.
-"""
+Each checkpoint holds the state pytree, a small JSON record: the config it was trained with
+and what the data made of it (classes, steps per epoch, a fingerprint of the training set), and
+the input stream's position (`inputs`: the next step, the epoch and the batch within it).
+Resuming compares the record first, so a rerun that would change what the saved step or state
+means (another batch size, seed, schedule, model, dataset, ...) fails with one line naming each
+key, instead of a shape error or a silently different run; `RESUMABLE_KEYS` may change. A
+latest checkpoint that cannot be read (truncated, corrupted) is skipped with a warning for the
+one before it, and moved to `unreadable_checkpoints/` next to the checkpoint directory so that
+its step can be saved again. A save that cannot be written (full disk, read-only directory)
+raises `CheckpointSaveError` naming the path and the OS error."""
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import re
 import shutil
 import time
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
-# Settings that determine the train state's structure and shapes.
-COMPATIBILITY_KEYS = (
-    "backbone",
-    "backbone_width",
-    "cifar_stem",
-    "proj_hidden_dim",
-    "proj_output_dim",
-    "queue_size",
-    "momentum_encoder",
-    "crop_size",
+# Keys a resumed run may change: they alter neither what the saved step means nor the state's
+# shapes. Every other config key (batch size, seed, schedule, method, model, augmentation,
+# dataset, ...) must match the checkpoint's record: a changed batch size would reinterpret the
+# saved step as another epoch and learning rate, and misalign the queue's ring buffer.
+# `max_epochs` is not here: the cosine schedule spans it, and extending a schedule that has
+# (partly) decayed is not defined.
+RESUMABLE_KEYS = frozenset(
+    {
+        "max_steps",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "eval_every_epochs",
+        "knn_every_epochs",
+        "knn_k",
+        "knn_temperature",
+        "eval_batch_size",
+        "steps_per_dispatch",  # execution only: the same steps, fused differently
+        "dtype",  # 'auto' resolves per backend: a run may move between CPU and accelerators
+        # Where the data lives; the data itself must match (`train_data` in the record).
+        "data_path",
+        "data_dir",
+        "tfds_download",
+        # Streaming: how many threads decode, and how many unreadable files stop the run.
+        "input_threads",
+        "max_unreadable_fraction",
+    }
 )
 
 
@@ -39,71 +63,144 @@ class CheckpointError(RuntimeError):
     """A checkpoint that exists but cannot be used; the message says what to do."""
 
 
-def compatibility_record(config, num_classes: int) -> dict:
-    record = {key: config[key] for key in COMPATIBILITY_KEYS}
-    record["num_classes"] = num_classes
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, read-only directory, ...)."""
+
+
+def data_identity(images, labels) -> str:
+    """A short fingerprint of the training set: its size, image shape and a CRC of the labels
+    and of a strided sample of the images (cheap at any size)."""
+    stride = max(1, len(images) // 1024)
+    crc = zlib.crc32(np.ascontiguousarray(labels, np.int64).tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(images[::stride]).tobytes(), crc)
+    return f"{len(labels)} images of {tuple(images.shape[1:])}, crc32 {crc:08x}"
+
+
+def compatibility_record(config, num_classes=None, *, steps_per_epoch=None, train_data=None):
+    """The config (JSON values) and what the data made of it; saved beside every checkpoint.
+
+    Without the data facts (None), it is the part that can be checked before loading any data.
+    """
+    record = json.loads(config.to_json_best_effort())
+    facts = dict(num_classes=num_classes, steps_per_epoch=steps_per_epoch, train_data=train_data)
+    record.update({k: v for k, v in facts.items() if v is not None})
     return record
+
+
+def changes(saved: dict, now: dict) -> tuple[dict, dict]:
+    """(refused, accepted) changes, each {key: (saved value, current value)}, over the keys both
+    records hold (a key added since the checkpoint was written is not compared)."""
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    refused = {k: c for k, c in changed.items() if k not in RESUMABLE_KEYS}
+    return refused, {k: c for k, c in changed.items() if k in RESUMABLE_KEYS}
+
+
+def incompatible(directory: str, step: int, refused: dict) -> CheckpointError:
+    detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
+    return CheckpointError(
+        f"{directory} holds a checkpoint (step {step}) of an incompatible config ({detail}). Use "
+        "a fresh --workdir, or restore the config that wrote it."
+    )
+
+
+def latest_record(directory: str) -> tuple[int | None, dict | None]:
+    """The newest step whose record can be read, and that record; (None, None) if none.
+
+    Reads only the small JSON records: cheap, before any data is loaded or anything compiled.
+    """
+    if not os.path.isdir(directory):
+        return None, None
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "record"),
+    )
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                args = ocp.args.Composite(record=ocp.args.JsonRestore())
+                return step, dict(manager.restore(step, args=args)["record"])
+            except Exception:  # noqa: BLE001 - unreadable: restore_latest sets it aside later
+                continue
+        return None, None
+    finally:
+        manager.close()
 
 
 class Checkpointer:
     def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3, input_position=None):
-        """`input_position(step) -> dict`: the input stream's position, saved with every step and
-        compared on restore (None: not saved, not checked)."""
+        """`input_position(step) -> dict`: the input stream's position, saved with every step as
+        the `input` item (None: not saved)."""
         self.directory = os.path.abspath(directory)
         self.record = record
         self.input_position = input_position
+        self._failed = False
         # cleanup_tmp_directories: a step whose save was cut short (SIGKILL, a lost host) is a
         # `<step>.orbax-checkpoint-tmp` dir; never restored, but removed so it cannot pile up.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "record", "input")
-        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "record", "input")
+            )
+        except OSError as error:
+            raise self._save_error("checkpoints", error) from error
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
         """Saves `state` as `step`; a step already saved (a preemption right after a regular
-        checkpoint) is left as it is."""
+        checkpoint) is left as it is. Raises CheckpointSaveError (one line: the path and the OS
+        error) when this save cannot be written, or when the previous, asynchronous one failed."""
         if step in self.manager.all_steps():
             return
-        items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record))
-        if self.input_position is not None:
-            items["input"] = ocp.args.JsonSave(self.input_position(step))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self.manager.wait_until_finished()  # the previous save's error belongs to it
+        except Exception as error:  # noqa: BLE001 - any failure of a write: say which
+            raise self._save_error("the previous checkpoint", error) from error
+        try:
+            self._preflight(step, state)
+            items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record))
+            if self.input_position is not None:
+                items["input"] = ocp.args.JsonSave(self.input_position(step))
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:  # noqa: BLE001
+            raise self._save_error(f"the checkpoint of step {step}", error) from error
+
+    def _preflight(self, step: int, state) -> None:
+        """A write probe and a free-space check, so that a read-only directory or a full disk
+        fails this save, here, rather than inside Orbax's background writes a save later."""
+        probe = os.path.join(self.directory, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+        needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
+        stat = os.statvfs(self.directory)
+        if stat.f_bavail * stat.f_frsize < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.directory)
+
+    def _save_error(self, what: str, error: Exception) -> CheckpointSaveError:
+        self._failed = True
+        if isinstance(error, OSError) and error.strerror:
+            reason = error.strerror
+        else:  # tensorstore reports the errno inside its message
+            code = re.search(r"os_error_code='?(\d+)", str(error))
+            reason = os.strerror(int(code[1])) if code else f"{type(error).__name__}: {error}"
+        return CheckpointSaveError(
+            f"cannot write {what} to {self.directory}: {reason}. The checkpoints already there "
+            "are intact; free space or fix the permissions, then rerun the same command to "
+            "resume."
+        )
 
     def _check_record(self, step: int) -> None:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
         )
-        saved = dict(restored["record"])
-        diffs = {k: (saved.get(k), v) for k, v in self.record.items() if saved.get(k) != v}
-        if diffs:
-            detail = ", ".join(
-                f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diffs.items()
-            )
-            raise CheckpointError(
-                f"{self.directory} holds a checkpoint (step {step}) of an incompatible config "
-                f"({detail}). Use a fresh --workdir, or restore the config that wrote it."
-            )
-
-    def _check_input(self, step: int) -> None:
-        """The saved stream position must be where today's input resumes at `step`: the same
-        dataset size, batch, seed and order (a changed image folder would silently reorder)."""
-        saved_input = os.path.join(self.directory, str(step), "input")
-        if self.input_position is None or not os.path.exists(saved_input):
-            return  # not recorded (an older checkpoint): nothing to compare
-        saved = self.manager.restore(step, args=ocp.args.Composite(input=ocp.args.JsonRestore()))
-        saved, now = dict(saved["input"]), self.input_position(step)
-        if saved != now:
-            diffs = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-            raise CheckpointError(
-                f"the input stream saved with step {step} in {self.directory} differs from "
-                f"today's input ({diffs}: (saved, now)); the data, batch size or input mode "
-                f"changed. Restore them, or use a fresh --workdir."
-            )
+        refused, _ = changes(dict(restored["record"]), self.record)
+        if refused:
+            raise incompatible(self.directory, step, refused)
 
     def restore_latest(self, template):
         """The newest readable checkpoint, in `template`'s shapes and shardings; None if none."""
@@ -115,7 +212,6 @@ class Checkpointer:
             for step in sorted(self.manager.all_steps(), reverse=True):
                 try:
                     self._check_record(step)
-                    self._check_input(step)
                     restored = self.manager.restore(
                         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                     )
@@ -151,5 +247,9 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as error:  # noqa: BLE001
+            if not self._failed:  # else the save's own error is already on its way
+                raise self._save_error("the last checkpoint", error) from error

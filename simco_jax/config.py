@@ -18,6 +18,11 @@ dual-temperature weight is then exactly 1.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import ml_collections
 
 _DTYPES = ("auto", "float32", "bfloat16")
@@ -157,91 +162,193 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says how to fix it."""
 
 
+# ------------------------------------------------------------------------------------ domains
+# Every key of `base_config()` has a domain here: one line per key, `validate` checks them all
+# before anything is loaded. A new key needs one line (a test fails for a key without one).
+
+
+class Domain(NamedTuple):
+    accepts: Callable[[Any], bool]
+    text: str  # completes "<key> must be ..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Domain:
+    """An int (not a bool) in [lo, hi]; None leaves that side open."""
+    ok = lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if hi is not None:
+        return Domain(ok, f"an integer in [{lo}, {hi}]")
+    return Domain(ok, f"an integer >= {lo}" if lo is not None else "an integer")
+
+
+def real(lo: float, hi: float = math.inf, *, open_lo: bool = False, open_hi: bool = False):
+    """A finite number between lo and hi; `open_*` excludes the bound."""
+
+    def ok(v):
+        return _is_real(v) and (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+
+    if hi == math.inf:
+        text = f"a finite number {'>' if open_lo else '>='} {lo:g}"
+    else:
+        text = f"a finite number in {'(['[not open_lo]}{lo:g}, {hi:g}{')]'[not open_hi]}"
+    return Domain(ok, text)
+
+
+def one_of(*choices) -> Domain:
+    return Domain(lambda v: isinstance(v, str) and v in choices, f"one of {choices}")
+
+
+def rgb(channel: Domain) -> Domain:
+    """Three per-channel values (R, G, B)."""
+    ok = lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(channel.accepts, v))
+    return Domain(ok, f"three values (R, G, B), each {channel.text}")
+
+
+BOOL = Domain(lambda v: isinstance(v, bool), "True or False")
+TEXT = Domain(lambda v: isinstance(v, str), "a string")
+NAME = Domain(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+PROBABILITY = real(0.0, 1.0)
+POSITIVE = real(0.0, open_lo=True)
+COUNT = integer(1)
+# Learning rates: > 0 and at most 100. The recipes use 0.03 (linearly scaled to 7.7 at batch
+# 65,536) and 0.3 for the probe; above 100 an SGD step, not the data, sets the weights (a
+# probe lr of 1e30 gave a loss of 3.5e31 that stayed finite): a typo, not an experiment.
+LEARNING_RATE = real(0.0, 100.0, open_lo=True)
+# exp(similarity / T) of the kNN vote overflows float32 for T < 1 / 88.7.
+KNN_TEMPERATURE = real(0.012, 100.0)
+
+DOMAINS: dict[str, Domain] = {
+    # Data.
+    "dataset": NAME,
+    "data_path": TEXT,
+    "data_dir": TEXT,
+    "tfds_download": BOOL,
+    "input_mode": one_of(*_INPUT_MODES),
+    "input_threads": integer(0, 4096),
+    "max_unreadable_fraction": PROBABILITY,
+    "synthetic_num_train": integer(1, 10_000_000),
+    "synthetic_num_test": integer(1, 10_000_000),
+    "synthetic_num_classes": integer(2, 100_000),
+    "synthetic_image_size": integer(1, 4096),
+    # Backbone and projector.
+    "backbone": one_of(*_BACKBONES),
+    "backbone_width": integer(1, 4096),
+    "cifar_stem": BOOL,
+    "proj_hidden_dim": integer(1, 65_536),
+    "proj_output_dim": integer(1, 65_536),
+    # The contrastive method.
+    "momentum_encoder": BOOL,
+    "base_tau_momentum": PROBABILITY,
+    "final_tau_momentum": PROBABILITY,
+    "queue_size": integer(0, 2**24),
+    "temperature": POSITIVE,
+    "dt_m": POSITIVE,
+    "symmetric": BOOL,
+    "bn_groups": COUNT,
+    "shuffle_bn": BOOL,
+    "negative_groups": COUNT,
+    # Optimisation.
+    "batch_size": integer(1, 2**20),
+    "max_epochs": integer(1, 100_000),
+    "lr": LEARNING_RATE,
+    "scale_lr": BOOL,
+    "classifier_lr": LEARNING_RATE,
+    "momentum": real(0.0, 1.0, open_hi=True),  # SGD momentum 1 never forgets a gradient
+    "weight_decay": real(0.0, 1.0),
+    "warmup_epochs": integer(0),
+    "warmup_start_lr": real(0.0, 100.0),
+    "min_lr": real(0.0, 100.0),
+    "lr_schedule_unit": one_of(*_LR_SCHEDULE_UNITS),
+    # Augmentation (torchvision's domains).
+    "crop_size": integer(1, 4096),
+    "min_scale": real(0.0, 1.0, open_lo=True),
+    "max_scale": real(0.0, 1.0, open_lo=True),
+    "brightness": real(0.0),
+    "contrast": real(0.0),
+    "saturation": real(0.0),
+    "hue": real(0.0, 0.5),
+    "color_jitter_prob": PROBABILITY,
+    "gray_scale_prob": PROBABILITY,
+    "horizontal_flip_prob": PROBABILITY,
+    "gaussian_prob": PROBABILITY,
+    "solarization_prob": PROBABILITY,
+    "mean": rgb(real(0.0, 1.0)),
+    "std": rgb(POSITIVE),
+    # Evaluation.
+    "eval_every_epochs": COUNT,
+    "knn_k": COUNT,
+    "knn_temperature": KNN_TEMPERATURE,
+    "knn_every_epochs": integer(0),
+    "eval_batch_size": integer(1, 2**20),
+    # Runtime.
+    "seed": integer(0, 2**31 - 1),
+    "dtype": one_of(*_DTYPES),
+    "steps_per_dispatch": integer(1, 100_000),
+    "log_every_steps": COUNT,
+    "checkpoint_every_steps": COUNT,
+    "keep_checkpoints": COUNT,
+    "max_steps": Domain(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or >= 1"),
+}
+
+
+def _cross_key_errors(c, num_devices):
+    """Constraints between keys, as messages (each names the keys it is about)."""
+    batch = c.batch_size
+    if c.warmup_epochs > c.max_epochs:
+        yield f"warmup_epochs={c.warmup_epochs} must be <= max_epochs={c.max_epochs}"
+    if c.min_scale > c.max_scale:
+        yield f"min_scale={c.min_scale} must be <= max_scale={c.max_scale}"
+    if c.queue_size % batch:
+        yield (
+            f"queue_size={c.queue_size} must be a multiple of the global batch_size={batch}, "
+            "so that each step's keys replace one whole slot of the ring buffer"
+        )
+    if c.queue_size == 0 and batch < 2:
+        yield "in-batch negatives (queue_size=0) need batch_size >= 2"
+    for key in ("bn_groups", "negative_groups"):
+        if batch % c[key] or batch // c[key] < 2:
+            yield (
+                f"{key}={c[key]} must divide batch_size={batch} into sub-batches of at least 2 "
+                "images (BatchNorm statistics and in-batch negatives need two)"
+            )
+    if c.shuffle_bn and not c.momentum_encoder:
+        yield (
+            "shuffle_bn shuffles the key encoder's batch; it needs momentum_encoder=True "
+            "(SimCo's keys come from the online encoder)"
+        )
+    if c.shuffle_bn and c.bn_groups < 2:
+        yield "shuffle_bn needs bn_groups >= 2 (the number of sub-batches, e.g. the device count)"
+    if c.negative_groups > 1 and c.queue_size:
+        yield "negative_groups applies to in-batch negatives; set queue_size=0 or negative_groups=1"
+    if num_devices is not None and batch % num_devices:
+        yield (
+            f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
+            f"of {num_devices} (the batch is the global batch, split evenly over devices)"
+        )
+    if c.dataset == "npz" and not c.data_path:
+        yield "dataset='npz' needs --config.data_path=/path/to/arrays.npz"
+    if c.dataset == "imagefolder" and not c.data_path:
+        yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
+    if c.dataset == "imagefolder" and c.input_mode == "resident":
+        yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
-    """Rejects impossible settings before anything is loaded or compiled."""
+    """Rejects impossible settings before anything is loaded or compiled: each key against its
+    domain, then the constraints between keys. Raises a one-line ConfigError naming the key."""
     known = base_config()
     unknown = sorted(set(config.keys()) - set(known.keys()))
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known.keys())}")
-
-    def fail(message):
+    for key, domain in DOMAINS.items():
+        if key in config and not domain.accepts(config[key]):
+            raise ConfigError(f"{key} must be {domain.text}, got {config[key]!r}")
+    for message in _cross_key_errors(config, num_devices):
         raise ConfigError(message)
-
-    def check_positive(key):
-        if not config[key] > 0:
-            fail(f"{key} must be > 0, got {config[key]!r}")
-
-    for key in ("temperature", "dt_m", "batch_size", "max_epochs", "crop_size", "lr"):
-        check_positive(key)
-    for key in ("steps_per_dispatch", "log_every_steps", "checkpoint_every_steps", "knn_k"):
-        check_positive(key)
-    for key in ("momentum", "base_tau_momentum", "final_tau_momentum"):
-        if not 0.0 <= config[key] <= 1.0:
-            fail(f"{key} must lie in [0, 1], got {config[key]!r}")
-    if config.dtype not in _DTYPES:
-        fail(f"dtype must be one of {_DTYPES}, got {config.dtype!r}")
-    if config.backbone not in _BACKBONES:
-        fail(f"backbone must be one of {_BACKBONES}, got {config.backbone!r}")
-    if config.lr_schedule_unit not in _LR_SCHEDULE_UNITS:
-        fail(
-            f"lr_schedule_unit must be one of {_LR_SCHEDULE_UNITS}, got {config.lr_schedule_unit!r}"
-        )
-    if not 0 <= config.warmup_epochs <= config.max_epochs:
-        fail(f"warmup_epochs must lie in [0, max_epochs={config.max_epochs}]")
-    if not 0.0 < config.min_scale <= config.max_scale <= 1.0:
-        fail(f"need 0 < min_scale <= max_scale <= 1, got ({config.min_scale}, {config.max_scale})")
-    for key in (
-        "color_jitter_prob",
-        "gray_scale_prob",
-        "horizontal_flip_prob",
-        "gaussian_prob",
-        "solarization_prob",
-    ):
-        if not 0.0 <= config[key] <= 1.0:
-            fail(f"{key} is a probability and must lie in [0, 1], got {config[key]!r}")
-    if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
-        fail("mean and std need three entries (RGB) and std > 0")
-
-    batch = config.batch_size
-    if config.queue_size < 0:
-        fail(f"queue_size must be >= 0 (0 = in-batch negatives), got {config.queue_size}")
-    if config.queue_size and config.queue_size % batch:
-        fail(
-            f"queue_size={config.queue_size} must be a multiple of the global batch_size={batch}, "
-            "so that each step's keys replace one whole slot of the ring buffer"
-        )
-    if config.queue_size == 0 and batch < 2:
-        fail("in-batch negatives need batch_size >= 2")
-    if config.shuffle_bn and not config.momentum_encoder:
-        fail(
-            "shuffle_bn shuffles the key encoder's batch; it needs momentum_encoder=True "
-            "(SimCo's keys come from the online encoder)"
-        )
-    for key in ("bn_groups", "negative_groups"):
-        groups = config[key]
-        if groups < 1 or batch % groups:
-            fail(f"{key}={groups} must be >= 1 and divide batch_size={batch}")
-    if config.shuffle_bn and config.bn_groups < 2:
-        fail("shuffle_bn needs bn_groups >= 2 (the number of sub-batches, e.g. the device count)")
-    if config.negative_groups > 1 and config.queue_size:
-        fail("negative_groups applies to in-batch negatives; set queue_size=0 or negative_groups=1")
-    if num_devices is not None and batch % num_devices:
-        fail(
-            f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
-            f"of {num_devices} (the batch is the global batch, split evenly over devices)"
-        )
-    if config.eval_batch_size < 1:
-        fail("eval_batch_size must be >= 1")
-    if config.dataset == "npz" and not config.data_path:
-        fail("dataset='npz' needs --config.data_path=/path/to/arrays.npz")
-    if config.input_mode not in _INPUT_MODES:
-        fail(f"input_mode must be one of {_INPUT_MODES}, got {config.input_mode!r}")
-    if config.dataset == "imagefolder":
-        if not config.data_path:
-            fail("dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)")
-        if config.input_mode == "resident":
-            fail("dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'")
-    if config.input_threads < 0:
-        fail(f"input_threads must be >= 0 (0 = one per core), got {config.input_threads}")
-    if not 0.0 <= config.max_unreadable_fraction <= 1.0:
-        fail(f"max_unreadable_fraction must lie in [0, 1], got {config.max_unreadable_fraction}")

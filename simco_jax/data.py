@@ -163,6 +163,8 @@ def validate_arrays(
     image, in [0, num_classes). The test split must not be empty and the training split must
     hold at least one batch. ``source`` names the data in the messages (a path, a tfds name).
     """
+    if len(train_images) == 0:
+        raise DataError(f"{source}: the training split is empty (train_images holds no images).")
     if len(test_images) == 0:
         raise DataError(
             f"{source}: the test split is empty; evaluation needs test images (hold out part of "
@@ -216,11 +218,18 @@ def _make_dataset(
     return Dataset(
         name=name,
         train_images=np.ascontiguousarray(train_images),
-        train_labels=train_labels.astype(np.int32),
+        train_labels=_exact_int32(train_labels, "train_labels", source),
         test_images=np.ascontiguousarray(test_images),
-        test_labels=test_labels.astype(np.int32),
+        test_labels=_exact_int32(test_labels, "test_labels", source),
         num_classes=int(num_classes),
     )
+
+
+def _exact_int32(labels: np.ndarray, key: str, source: str) -> np.ndarray:
+    cast = labels.astype(np.int32)
+    if not np.array_equal(cast, labels):
+        raise DataError(f"{source}: {key} do not fit in int32 (largest {labels.max()}).")
+    return cast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +290,75 @@ def synthetic_dataset(config: ml_collections.ConfigDict) -> Dataset:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_npz_file(path: str, fix: str) -> None:
+    """Says what the file is when it is not an npz archive, and checks that each member's
+    declared shape fits in the bytes it holds, before anything is read into memory."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path!r} is not a regular file, so not an npz archive; {fix}.")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(
+            f"{path!r} holds a single array (.npy), not an .npz archive of named arrays; {fix}."
+        )
+    if not magic.startswith(b"PK"):
+        what = "an empty file" if not magic else f"a file starting with {magic!r}"
+        raise DataError(f"{path!r} is not an npz archive (it is {what}); {fix}.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    _check_member_size(archive, info, path)
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise DataError(f"{path!r} is not a readable npz archive ({error}); {fix}.") from None
+
+
+def _check_member_size(archive, info, path: str) -> None:
+    with archive.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                version, np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(
+                f"{path!r}: member {info.filename!r} is not a valid .npy array ({error})."
+            ) from None
+        header = f.tell()
+    if dtype.hasobject:
+        return  # refused without pickle when read, with its own message
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > info.file_size - header:
+        raise DataError(
+            f"{path!r}: member {info.filename!r} declares shape {tuple(shape)} of {dtype} "
+            f"({declared:,} bytes) but holds only {info.file_size - header:,} bytes; the file "
+            "is corrupt or truncated."
+        )
+
+
+# An npz without class_names / num_classes: the class count is the largest label + 1 only if at
+# least half of [0, count) occurs as a label; sparser labels are more likely ids than classes.
+MAX_CLASSES = 1_000_000
+
+
+def _inferred_num_classes(labels, path: str) -> int:
+    if not all(np.issubdtype(x.dtype, np.integer) and x.size for x in labels):
+        return 0  # non-integer or empty labels: validate_arrays says what is wrong
+    count = max(int(x.max()) for x in labels) + 1
+    if min(int(x.min()) for x in labels) < 0:
+        return count  # negative labels: validate_arrays says so
+    distinct = len(np.unique(np.concatenate([x.astype(np.int64).ravel() for x in labels])))
+    if count > 2 * distinct:
+        raise DataError(
+            f"{path!r}: the labels reach {count - 1} but only {distinct} distinct values occur, "
+            f"so the class count ({count}) is not inferred from them. Add class_names (one name "
+            "per class) or num_classes to the npz, or map the labels to 0..K-1 with "
+            "np.unique(labels, return_inverse=True)[1]."
+        )
+    return count
+
+
 def _read_npz_key(archive, key: str, path: str) -> np.ndarray:
     try:
         return archive[key]
@@ -312,6 +390,7 @@ def load_npz(config: ml_collections.ConfigDict) -> Dataset:
         "write it with np.savez(path, train_images=..., train_labels=..., test_images=..., "
         "test_labels=...)"
     )
+    _check_npz_file(path, fix)
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
@@ -328,6 +407,14 @@ def load_npz(config: ml_collections.ConfigDict) -> Dataset:
                 f"dataset needs {list(REQUIRED_NPZ_KEYS)}; {fix}."
             )
         arrays = {key: _read_npz_key(archive, key, path) for key in REQUIRED_NPZ_KEYS}
+        declared = None  # an explicit class count, for labels too sparse to infer it from
+        if "num_classes" in archive.files:
+            value = _read_npz_key(archive, "num_classes", path)
+            if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 1:
+                raise DataError(
+                    f"{path!r}: num_classes must be one positive integer, got {value!r}."
+                )
+            declared = int(value)
         class_names = None
         if "class_names" in archive.files:
             class_names = _read_npz_key(archive, "class_names", path)
@@ -337,13 +424,18 @@ def load_npz(config: ml_collections.ConfigDict) -> Dataset:
                     f"{class_names.shape}."
                 )
 
+    labels = [arrays["train_labels"], arrays["test_labels"]]
     if class_names is not None:
         num_classes = len(class_names)
+    elif declared is not None:
+        num_classes = declared
     else:
-        # Non-integer or empty labels get 0 here; validate_arrays then says what is wrong.
-        labels = [arrays["train_labels"], arrays["test_labels"]]
-        integral = all(np.issubdtype(x.dtype, np.integer) and x.size for x in labels)
-        num_classes = int(max(x.max() for x in labels)) + 1 if integral else 0
+        num_classes = _inferred_num_classes(labels, path)
+    if num_classes > MAX_CLASSES:
+        raise DataError(
+            f"{path!r} declares {num_classes} classes, more than the {MAX_CLASSES} a linear "
+            "probe here is built for; check class_names / num_classes."
+        )
     return _make_dataset(
         os.path.splitext(os.path.basename(path))[0],
         arrays["train_images"],

@@ -35,6 +35,10 @@ def knn_scores(train_features, train_labels, query_features, *, k, temperature, 
     return votes.sum(axis=1)
 
 
+def _no_report(done: int, total: int) -> None:
+    """The default progress hook of the evaluations: nothing to show."""
+
+
 class Evaluator:
     """The jitted evaluation functions, built once per run, over the evaluation sources of
     `inputs` (`data.test`, `data.train_eval`: resident arrays or streams, padded with label −1)."""
@@ -88,33 +92,51 @@ class Evaluator:
         self._probe_counts = jax.jit(probe_counts, out_shardings=replicated)
         self._knn_counts = jax.jit(knn_counts, out_shardings=replicated)
 
-    def probe_accuracy(self, state) -> dict:
+    def probe_accuracy(self, state, report=_no_report) -> dict:
+        """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
+        report(0, self.test.num_batches)
         totals = {"top1": 0, "top5": 0}
-        for images, labels, start in self.test.batches():
+        for done, (images, labels, start) in enumerate(self.test.batches(), 1):
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            report(done, self.test.num_batches)
         return {f"probe_{k}": 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def _normalized_features(self, variables, source):
+    def _normalized_features(self, variables, source, batch_done):
         """(L2-normalised features, labels) of a whole source, padding rows included."""
         feats, labels = [], []
         for images, batch_labels, start in source.batches():
             feats.append(self._features(variables, images, start))
             labels.append(jax.lax.dynamic_slice_in_dim(batch_labels, start, self.batch))
+            batch_done(feats[-1])
         feats = jnp.concatenate(feats)
         norms = jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
         return feats / norms, jnp.concatenate(labels)
 
-    def knn_accuracy(self, state) -> dict:
+    def knn_accuracy(self, state, report=_no_report) -> dict:
+        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (features of
+        the training and test sets, then the scoring of the test set)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        train_feats, train_labels = self._normalized_features(variables, self.train)
-        test_feats, test_labels = self._normalized_features(variables, self.test)
+        total = self.train.num_batches + 2 * self.test.num_batches
+        done = 0
+        report(done, total)
+
+        def batch_done(result):
+            nonlocal done
+            if report is not _no_report:  # a live count needs the batch finished, not queued
+                jax.block_until_ready(result)
+            done += 1
+            report(done, total)
+
+        train_feats, train_labels = self._normalized_features(variables, self.train, batch_done)
+        test_feats, test_labels = self._normalized_features(variables, self.test, batch_done)
         totals = {"top1": 0, "top5": 0}
         for start in range(0, test_feats.shape[0], self.batch):
             start = np.int32(start)
             counts = self._knn_counts(train_feats, train_labels, test_feats, test_labels, start)
             counts = parallel.to_host(counts)
             totals = {k: totals[k] + int(counts[k]) for k in totals}
+            batch_done(counts)
         return {f"knn_{k}": 100.0 * v / self.num_test for k, v in totals.items()}

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from simco_jax import data, parallel, streaming, train_step
+from simco_jax import checkpointing, data, parallel, streaming, train_step
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Inputs(NamedTuple):
     test: Any  # ResidentEval | StreamingEval: the test (or validation) split
     train_eval: Any  # the training split with the evaluation transform (kNN monitor)
     image_shape: tuple  # (H, W, C) the network's input is made from
+    identity: str  # a fingerprint of the training set, for the checkpoint's record
 
     def close(self):
         self.train.close()
@@ -93,6 +95,7 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
             test=ResidentEval(dataset.test_images, dataset.test_labels, batch, mesh),
             train_eval=ResidentEval(dataset.train_images, dataset.train_labels, batch, mesh),
             image_shape=dataset.image_shape,
+            identity=checkpointing.data_identity(dataset.train_images, dataset.train_labels),
         )
     name, train_split, test_split, num_classes = open_splits(config)
     if len(train_split) < config.batch_size:
@@ -116,7 +119,16 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
         test=eval_source(test_split),
         train_eval=eval_source(train_split),
         image_shape=(config.crop_size, config.crop_size, 3),
+        identity=_split_identity(train_split),
     )
+
+
+def _split_identity(split: streaming.Split) -> str:
+    """Size and a CRC of the file list relative to the root (a moved folder stays the same), or
+    of the source's name where there are no files."""
+    names = [os.path.relpath(p, split.name) for p in split.paths] or [split.name]
+    crc = zlib.crc32("\n".join(names).encode())
+    return f"{len(split)} images, crc32 {crc:08x} of their names"
 
 
 def open_splits(config):
@@ -201,6 +213,7 @@ class ResidentEval:
         images = _pad_to_multiple(images, batch)
         labels = _pad_to_multiple(labels.astype(np.int32), batch, fill=-1)
         self.images, self.labels = parallel.put_replicated((images, labels), mesh)
+        self.num_batches = self.images.shape[0] // batch
 
     def batches(self):
         for start in range(0, self.images.shape[0], self.batch_size):
@@ -340,6 +353,7 @@ class StreamingEval:
         self.split = split
         self.batch_size = batch
         self.num_examples = len(split)
+        self.num_batches = -(-len(split) // batch)
         self.crop_size = config.crop_size
         self.threads = threads
         self.shard = _process_shard()
@@ -348,7 +362,7 @@ class StreamingEval:
 
     def batches(self):
         local = self.shard.local(self.batch_size)
-        num_batches = -(-len(self.split) // self.batch_size)
+        num_batches = self.num_batches
 
         def example(k):
             return streaming.eval_example(

@@ -31,6 +31,7 @@ from simco_jax import (
     inputs,
     models,
     parallel,
+    progress,
     train_step,
     writers,
 )
@@ -175,7 +176,9 @@ def linear_schedule(config, total_steps: int):
     return optax.constant_schedule(lr)
 
 
-def _train_linear(config, run: RestoredRun, data, evaluator, workdir: str) -> dict:
+def _train_linear(
+    config, run: RestoredRun, data, evaluator, workdir: str, *, knn_follows: bool = False
+) -> dict:
     """Trains a fresh linear classifier on frozen features; returns top-1/top-5 and a summary.
 
     `data` (from `inputs.create` at the linear batch size, scale and seed) feeds the steps:
@@ -245,39 +248,61 @@ def _train_linear(config, run: RestoredRun, data, evaluator, workdir: str) -> di
         out_shardings=(replicated,) * 4,
         donate_argnums=(0, 1),
     )
-    writer = writers.MetricWriter(workdir, enabled=parallel.is_main_process())
+    main = parallel.is_main_process()
+    writer = writers.MetricWriter(workdir, enabled=main)
+    rate = progress.Rate()
+    task = progress.Task(
+        "linear eval", total_steps, enabled=main, status="(the first steps compile)"
+    )
     losses, accuracies = [], []
+    shown = ""  # the last logged loss and accuracy
+    knn_images = data.num_train + data.test.num_examples if knn_follows else 0
+
+    def status(done):
+        """ETA: the steps left at the measured rate (compile left out), plus the test-set
+        evaluation (and the kNN's encoding of both sets, when it follows) at the same rate per
+        image: an upper bound, as an evaluation image is one clean forward pass."""
+        per_s, epoch = rate.per_s, f"epoch {done / steps_per_epoch:.2f}/{config.linear_epochs}"
+        if per_s is None:
+            return f"{epoch} | ? img/s | ETA ?{shown}"
+        images_left = data.test.num_examples + knn_images
+        eta = (total_steps - done) / per_s + images_left / (per_s * batch)
+        return f"{epoch} | {per_s * batch:.1f} img/s | ETA {progress.format_eta(eta)}{shown}"
+
     try:
         for step in range(total_steps):
             params, opt_state, loss, accuracy = step_jit(
                 params, opt_state, np.int32(step), variables, data.train.batches(step)
             )
+            if losses:  # the display follows the step before: one stays queued on the device
+                jax.block_until_ready(losses[-1])
+                rate.update(step)
+                task.update(step, status(step))
             losses.append(loss)
             accuracies.append(accuracy)
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
                 loss_mean = float(np.mean(parallel.to_host(losses)))
-                acc_mean = float(np.mean(parallel.to_host(accuracies)))
-                writer.write(
-                    step + 1,
-                    {"linear_loss": loss_mean, "linear_train_acc": 100 * acc_mean},
-                )
-                log.info(
-                    "linear eval step %d/%d loss %.4f train acc %.2f",
-                    step + 1,
-                    total_steps,
-                    loss_mean,
-                    100 * acc_mean,
-                )
+                acc_mean = 100 * float(np.mean(parallel.to_host(accuracies)))
+                writer.write(step + 1, {"linear_loss": loss_mean, "linear_train_top1": acc_mean})
+                shown = f" | loss {loss_mean:.4f} train_top1 {acc_mean:.2f}"
+                rate.update(step + 1)
+                task.update(step + 1, status(step + 1), line=True)
                 losses, accuracies = [], []
-        results = evaluator.probe_accuracy(run.state.replace(probe_params=params))
+        task.close()
+        report = progress.EvalProgress("test-set eval", enabled=main)
+        try:
+            results = evaluator.probe_accuracy(run.state.replace(probe_params=params), report)
+        finally:
+            report.close()
         writer.write(total_steps, results)
     finally:
+        task.close()
         writer.close()
     return {
         "top1": results["probe_top1"],
         "top5": results["probe_top5"],
         "final_loss": loss_mean,
-        "final_train_acc": 100 * acc_mean,
+        "final_train_top1": acc_mean,
         "steps": total_steps,
         "epochs": total_steps / steps_per_epoch,
         "lr": config.linear_lr,
@@ -342,14 +367,20 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     results = {}
     if config.mode in ("linear", "both"):
         start = time.perf_counter()
-        linear = _train_linear(config, run, data, evaluator, workdir)
+        linear = _train_linear(
+            config, run, data, evaluator, workdir, knn_follows=config.mode == "both"
+        )
         linear.update(common, wall_s=time.perf_counter() - start)
         _write_json(linear, config.pretrained, workdir, name="linear_eval.json")
         log.info("linear eval: top-1 %.2f top-5 %.2f", linear["top1"], linear["top5"])
         results["linear"] = linear
     if config.mode in ("knn", "both"):
         start = time.perf_counter()
-        knn = evaluator.knn_accuracy(run.state)
+        report = progress.EvalProgress("kNN eval", enabled=parallel.is_main_process())
+        try:
+            knn = evaluator.knn_accuracy(run.state, report)
+        finally:
+            report.close()
         knn = {
             "top1": knn["knn_top1"],
             "top5": knn["knn_top5"],

@@ -26,6 +26,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -34,9 +35,11 @@ import time
 import jax
 import ml_collections
 
-from simco_jax import train, writers
+from simco_jax import parallel, progress, train, writers
 
-log = logging.getLogger(__name__)
+# Named, not __name__: under `python -m simco_jax.sweep` that is '__main__', outside the
+# 'simco_jax' logger whose level main() (and launch.py) set to INFO, so nothing would show.
+log = logging.getLogger("simco_jax.sweep")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,19 +196,43 @@ def run_sweep(
     """Runs every unfinished point of `grid`, then writes the tables; returns the table's rows."""
     os.makedirs(root_workdir, exist_ok=True)
     points = grid_points(grid)
-    for index, point in enumerate(points, start=1):
-        workdir = os.path.join(root_workdir, point_name(point))
-        if os.path.exists(os.path.join(workdir, DONE_FILE)):
-            log.info("[%d/%d] %s: finished earlier, skipped", index, len(points), workdir)
-            continue
-        config = point_config(
-            base_config_path_or_config, point, variant=variant, overrides=overrides, tied=tied
-        )
-        log.info("[%d/%d] %s", index, len(points), workdir)
-        if run_point(config, workdir, point).get("preempted"):
-            log.warning("preempted during %s: rerun the same command to resume", workdir)
-            break
+    done = [os.path.exists(os.path.join(root_workdir, point_name(p), DONE_FILE)) for p in points]
+    # A bar on a terminal; elsewhere the log lines below say it all (no throttled repeats).
+    task = progress.Task(
+        "sweep", len(points), enabled=parallel.is_main_process(), interval_s=math.inf
+    )
+    durations = []  # seconds of the points trained by this call
+    try:
+        for index, point in enumerate(points, start=1):
+            name, workdir = point_name(point), os.path.join(root_workdir, point_name(point))
+            if done[index - 1]:
+                log.info("[%d/%d] %s: skipped (finished)", index, len(points), name)
+                continue
+            eta = progress.format_eta(sweep_eta_s(durations, done[index:].count(False)))
+            task.update(index - 1, f"[{index}/{len(points)}] {name} | ETA {eta}")
+            log.info(
+                "[%d/%d] %s: training in %s (sweep ETA %s)", index, len(points), name, workdir, eta
+            )
+            config = point_config(
+                base_config_path_or_config, point, variant=variant, overrides=overrides, tied=tied
+            )
+            start = time.perf_counter()
+            if run_point(config, workdir, point).get("preempted"):
+                log.warning("preempted during %s: rerun the same command to resume", workdir)
+                break
+            durations.append(time.perf_counter() - start)
+            task.update(index, f"[{index}/{len(points)}] {name} finished")
+    finally:
+        task.close()
     return write_tables(root_workdir, grid, command=command)
+
+
+def sweep_eta_s(durations: list[float], points_left: int) -> float:
+    """The sweep's ETA as a point starts: it and the `points_left` after it, each as long as the
+    mean point trained so far by this call (NaN before one has finished)."""
+    if not durations:
+        return math.nan
+    return (points_left + 1) * sum(durations) / len(durations)
 
 
 def main(argv=None) -> None:
@@ -217,7 +244,11 @@ def main(argv=None) -> None:
         "--table_only", action="store_true", help="only rewrite the tables from existing runs"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    # force: importing Orbax already logged through absl, whose first log call before app.run
+    # installs logging's default handler (and format) on the root logger.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True
+    )
     logging.getLogger("simco_jax").setLevel(logging.INFO)  # our progress; libraries stay quiet
     sweep = load_sweep(args.sweep, args.variant)
     command = "python -m simco_jax.sweep " + " ".join(

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simco_jax import checkpointing, evaluate, inputs, parallel, train_step, writers
+from simco_jax import checkpointing, evaluate, inputs, parallel, progress, train_step, writers
 from simco_jax import config as config_lib
+from simco_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -45,37 +46,102 @@ def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _install_preemption_handler():
-    """SIGTERM (a scheduler's preemption) sets a flag; the loop checkpoints and stops."""
-    flag = {"set": False}
+def _install_stop_handlers():
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) set a flag; the loop finishes the
+    current chunk, checkpoints and stops. A second Ctrl-C aborts at once (KeyboardInterrupt)."""
+    flag = {"signal": None}
 
     def handler(signum, frame):
-        log.warning("received signal %d: checkpointing and stopping", signum)
-        flag["set"] = True
+        flag["signal"] = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next press aborts
+            log.warning(
+                "Ctrl-C: checkpointing after the current steps; press Ctrl-C again to abort"
+            )
+        else:
+            log.warning("received signal %d: checkpointing and stopping", signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-        return flag, None
+        return flag, {}
     return flag, previous
 
 
+def _total_steps(config, steps_per_epoch: int) -> int:
+    schedule_steps = config.max_epochs * steps_per_epoch
+    return min(schedule_steps, config.max_steps) if config.max_steps > 0 else schedule_steps
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (or resumes) the configured framework in `workdir`; returns the final summary."""
+    """Trains (or resumes) the configured framework in `workdir`; returns the final summary.
+
+    The summary holds the last logged metrics, `step`, and the final `state`; for a run that was
+    already complete, `complete=True` and no state (nothing is loaded or compiled).
+    """
     # ---------------------------------------------------------------- checks and workdir
     config_lib.validate(config, num_devices=jax.device_count())
     _prepare_workdir(workdir)
+    lock = workdir_lib.WorkdirLock(workdir, jax.process_index())  # one run per workdir
+    stop_signal, previous_handlers = _install_stop_handlers()  # Ctrl-C while loading, too
+    try:
+        return _train(config, workdir, stop_signal)
+    finally:
+        for signum, previous in previous_handlers.items():
+            signal.signal(signum, previous)
+        lock.release()
+
+
+def _finished_summary(workdir: str, step: int, total_steps: int) -> dict:
+    """A complete run's final metrics, from metrics.jsonl; said at once, nothing is loaded."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = writers.read_metrics(workdir) if os.path.exists(path) else []
+    final = {}
+    for record in records:  # the last value of each metric, the final evaluation's included
+        final.update({k: v for k, v in record.items() if k not in ("images_per_s", "eta_s")})
+    final.update(step=step, complete=True)
+    if parallel.is_main_process():
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in final.items()
+            if k not in ("step", "complete")
+        )
+        log.info(
+            "%s is complete (step %d of %d); nothing to do. Final metrics: %s",
+            workdir,
+            step,
+            total_steps,
+            shown or "none logged",
+        )
+    return final
+
+
+def _train(config, workdir: str, stop_signal: dict) -> dict:
     main = parallel.is_main_process()
-    if main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    # ---------------------------------------------------------------- resume checks (no data yet)
+    # A rerun that changes what the saved step means is refused, and a rerun of a finished run
+    # says so, from the checkpoint's small JSON record: before any data is read or compiled.
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    saved_step, saved = checkpointing.latest_record(ckpt_dir)
+    if saved is not None:
+        refused, accepted = checkpointing.changes(saved, checkpointing.compatibility_record(config))
+        if refused:
+            raise checkpointing.incompatible(os.path.abspath(ckpt_dir), saved_step, refused)
+        if accepted and main:
+            log.info(
+                "resuming with changed %s",
+                ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in accepted.items()),
+            )
+        if "steps_per_epoch" in saved:
+            total = _total_steps(config, saved["steps_per_epoch"])
+            if saved_step >= total:
+                return _finished_summary(workdir, saved_step, total)
 
     # ---------------------------------------------------------------- mesh and inputs
     mesh = parallel.make_mesh()
     data = inputs.create(config, mesh)  # resident arrays or a per-process stream: see `inputs`
     steps_per_epoch = data.num_train // config.batch_size
-    schedule_steps = config.max_epochs * steps_per_epoch
-    total_steps = min(schedule_steps, config.max_steps) if config.max_steps > 0 else schedule_steps
+    total_steps = _total_steps(config, steps_per_epoch)
 
     # ---------------------------------------------------------------- model, optimizer, state
     comps = train_step.build_components(config, data.num_classes, steps_per_epoch)
@@ -85,16 +151,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
         out_shardings=replicated,
     )
     state = init()
-    ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        checkpointing.compatibility_record(config, data.num_classes),
-        max_to_keep=config.keep_checkpoints,
-        input_position=data.train.position,
+    record = checkpointing.compatibility_record(
+        config,
+        num_classes=data.num_classes,
+        steps_per_epoch=steps_per_epoch,
+        train_data=data.identity,
     )
-    restored = ckpt.restore_latest(state)
+    ckpt = checkpointing.Checkpointer(
+        ckpt_dir, record, max_to_keep=config.keep_checkpoints, input_position=data.train.position
+    )
+    try:
+        restored = ckpt.restore_latest(state)
+    except checkpointing.CheckpointError:
+        ckpt.close()
+        raise
     if restored is not None:
         state = restored
     start_step = int(parallel.to_host(state.step))
+    if main:  # every check passed and the run starts: record the config it runs with
+        workdir_lib.write_config(workdir, config, start_step)
     if main:
         log.info(
             "%s (%s): %d train / %d test images, %d classes; %d steps per epoch on %d devices; %s",
@@ -128,13 +203,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
 
     # ---------------------------------------------------------------- train loop
-    writer = writers.MetricWriter(workdir, enabled=main)
-    progress = writers.Progress(total_steps, config.batch_size, start_step)
-    preempted, previous_handler = _install_preemption_handler()
+    writer = writers.MetricWriter(workdir, enabled=main, resume_step=start_step)
+    display = progress.TrainProgress(
+        config,
+        total_steps=total_steps,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+        num_train=data.num_train,
+        num_test=data.test.num_examples,
+        enabled=main,
+    )
+    in_flight = None  # (step, metrics) of the newest chunk, which the display does not wait for
     pending = []  # per-chunk metrics still on the device: fetched only at log/save points
     summary = {"step": start_step}
     step = start_step
     last_log = start_step
+
+    def last_good():
+        latest = ckpt.latest_step()
+        if latest is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint, step {latest}, is intact"
 
     def drain_metrics(step):
         """Fetches pending metrics, stops on a non-finite loss, returns their mean."""
@@ -144,11 +233,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return {}
         active = np.concatenate([m.pop("active") for m in fetched])
         stacked = {k: np.concatenate([m[k] for m in fetched])[active] for k in fetched[0]}
-        if not np.all(np.isfinite(stacked["loss"])):
+        # Every logged value, the probe's loss included: a diverged probe is as unusable.
+        diverged = [k for k, v in stacked.items() if not np.all(np.isfinite(v))]
+        if diverged:
             raise NonFiniteLossError(
-                f"the loss became non-finite by step {step}; stopping without checkpointing "
-                f"(the last good checkpoint, step {ckpt.latest_step()}, is intact). Lower lr or "
-                "temperature, or use dtype=float32."
+                f"{' and '.join(diverged)} became non-finite by step {step}; stopping without "
+                f"checkpointing ({last_good()}). Lower lr, classifier_lr or temperature, or use "
+                "dtype=float32."
             )
         return {k: float(np.mean(v)) for k, v in stacked.items()}
 
@@ -157,8 +248,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not parallel.to_host(state_is_finite(state)):  # ... nor one whose last update blew up
             raise NonFiniteLossError(
                 f"the train state became non-finite at step {step} while the losses were still "
-                f"finite; stopping without checkpointing (the last good checkpoint, step "
-                f"{ckpt.latest_step()}, is intact). Lower lr or temperature, or use dtype=float32."
+                f"finite; stopping without checkpointing ({last_good()}). Lower lr or "
+                "temperature, or use dtype=float32."
             )
         ckpt.save(step, state)
 
@@ -172,58 +263,52 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state, metrics = chunk(state, data.train.batches(step), np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
+            if in_flight is not None:  # the display follows the chunk before, one stays queued
+                jax.block_until_ready(in_flight[1])
+                display.advance(in_flight[0])
+            in_flight = (step, metrics)
 
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
             if step // config.log_every_steps > last_log // config.log_every_steps or epoch_done:
                 means = drain_metrics(step)
-                means.update(progress.update(step))
-                means["epoch"] = step / steps_per_epoch
+                display.advance(step, means, line=epoch_done)
+                in_flight = None
+                means.update(display.timing(), epoch=step / steps_per_epoch)
                 writer.write(step, means)
                 last_log = step
-                if main:
-                    log.info(
-                        "epoch %.2f/%d step %d/%d loss %.4f probe_acc %.3f lr %.5f | %.0f img/s "
-                        "| ETA %s",
-                        means["epoch"],
-                        config.max_epochs,
-                        step,
-                        total_steps,
-                        means["loss"],
-                        means["probe_acc"],
-                        means["lr"],
-                        means["images_per_s"],
-                        writers.format_eta(means["eta_s"]),
-                    )
                 summary.update(means)
 
             epoch = step // steps_per_epoch
             final = step == total_steps
             if epoch_done and (epoch % config.eval_every_epochs == 0 or final):
-                results = evaluator.probe_accuracy(state)
+                with display.evaluation("probe") as report:
+                    results = evaluator.probe_accuracy(state, report)
                 knn_every = config.knn_every_epochs
                 if knn_every > 0 and (epoch % knn_every == 0 or final):
-                    results.update(evaluator.knn_accuracy(state))
+                    with display.evaluation("kNN") as report:
+                        results.update(evaluator.knn_accuracy(state, report))
                 writer.write(step, results)
                 summary.update(results)
                 if main:
                     log.info("eval at epoch %d: %s", epoch, json.dumps(results))
-                progress = writers.Progress(total_steps, config.batch_size, step)  # exclude eval
             if step % config.checkpoint_every_steps == 0 or final:
-                save(step)
+                with display.paused():
+                    save(step)
             # Multi-host: SIGTERM may reach the processes at different steps, and all must stop
             # at the same one (the save is collective). They agree where the loop waits for the
             # devices anyway (log points, epoch ends); one process checks at every chunk.
+            signum = stop_signal["signal"]
             if jax.process_count() == 1:
-                stop = preempted["set"]
+                stop = signum is not None
             else:
-                stop = (last_log == step or final) and parallel.any_process(preempted["set"])
+                stop = (last_log == step or final) and parallel.any_process(signum is not None)
             if stop:
                 save(step)
-                summary["preempted"] = True
+                summary["preempted"] = signum or signal.SIGTERM  # launch.py exits 128 + it
                 if main:
                     log.warning(
-                        "preempted: saved the checkpoint of step %d/%d; rerun the same command "
-                        "to resume",
+                        "%s: saved the checkpoint of step %d/%d; rerun the same command to resume",
+                        "stopped by Ctrl-C" if signum == signal.SIGINT else "preempted",
                         step,
                         total_steps,
                     )
@@ -231,9 +316,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         summary["step"] = step
     finally:
         data.close()
+        display.close()
         ckpt.close()
         writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     summary["state"] = state
     return summary

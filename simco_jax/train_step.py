@@ -170,7 +170,9 @@ def shuffled_encode(model, params, batch_stats, images, perm, *, groups: int):
 
 def enqueue(queue, ptr, keys):
     """FIFO ring buffer: `keys` overwrite the oldest rows, the pointer advances by the batch."""
-    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (ptr, 0))
+    # Both start indices in the pointer's dtype: a literal 0 is int64 under jax_enable_x64.
+    start = (ptr, jnp.zeros_like(ptr))
+    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), start)
     return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
@@ -188,16 +190,13 @@ def make_train_step(config, comps: Components):
     def momentum_keys(state, view1, view2, rng):
         """Keys from the momentum encoder, in train mode (its own BatchNorm statistics).
 
-        A one-way loss needs only view 2's keys, so view 1's pass is skipped (it would only move
-        the key encoder's running statistics, which no result reads); k1 is then None.
+        Both views pass through it even for a one-way loss, which reads only k2: the official
+        code does so, and view 1's pass moves the key encoder's BatchNorm running statistics,
+        which an evaluation or export of the momentum encoder reads.
         """
         params, stats = state.momentum_params, state.momentum_batch_stats
-        views = (view1, view2) if config.symmetric else (None, view2)
         keys = []
-        for view, view_rng in zip(views, jax.random.split(rng), strict=True):
-            if view is None:
-                keys.append(None)
-                continue
+        for view, view_rng in zip((view1, view2), jax.random.split(rng), strict=True):
             if config.shuffle_bn:  # MoCo's ShuffleBN: sub-batches mix images across groups
                 perm = jax.random.permutation(view_rng, view.shape[0])
                 k, stats = shuffled_encode(model, params, stats, view, perm, groups=groups)
@@ -276,13 +275,15 @@ def make_train_step(config, comps: Components):
             probe_params=probe_params,
             probe_opt_state=probe_opt_state,
         )
+        # Accuracies in percent, as the evaluations and the paper's tables; τ only where it acts.
         metrics = dict(
             loss=loss,
             probe_loss=probe_loss,
-            probe_acc=probe_acc,
+            probe_train_top1=100.0 * probe_acc,
             lr=comps.lr_schedule(state.step),
-            tau=tau,
         )
+        if config.momentum_encoder:
+            metrics["tau"] = tau
         return new_state, metrics
 
     return train_step

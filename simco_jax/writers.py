@@ -1,4 +1,4 @@
-"""Metrics to the workdir (JSON lines and TensorBoard events) and a progress line on the terminal.
+"""Metrics to the workdir: JSON lines and TensorBoard events (the terminal: progress.py).
 
 Only the main process writes; the others get a writer that drops everything.
 """
@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import time
 
 log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    """Appends to metrics.jsonl; `resume_step` first drops the records of steps after it (a run
+    killed after logging them re-runs those steps from its last checkpoint)."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            _truncate_after(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
 
@@ -53,32 +57,35 @@ def _plain(value):
         return value
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """All records of a run's metrics.jsonl (for tests, notebooks and sweeps)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+def _truncate_after(path: str, step: int) -> None:
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
-class Progress:
-    """Throughput and ETA between calls; images/s counts a pair of views as one image."""
-
-    def __init__(self, total_steps: int, batch_size: int, start_step: int):
-        self.total_steps, self.batch_size = total_steps, batch_size
-        self._last_step, self._last_time = start_step, time.perf_counter()
-
-    def update(self, step: int) -> dict:
-        now = time.perf_counter()
-        elapsed = max(now - self._last_time, 1e-9)
-        rate = (step - self._last_step) * self.batch_size / elapsed
-        self._last_step, self._last_time = step, now
-        steps_per_s = rate / self.batch_size
-        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else math.inf
-        return {"images_per_s": rate, "eta_s": eta}
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
+        return 2**62
 
 
-def format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def read_metrics(workdir: str) -> list[dict]:
+    """One record per step, in step order, from a run's metrics.jsonl (for tests, notebooks and
+    sweeps). A step's records (training means, evaluation) are merged; a key written twice for a
+    step (a step re-run after a kill) keeps its last value. A line cut short is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    merged: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            merged.setdefault(int(record["step"]), {}).update(record)
+    return [merged[step] for step in sorted(merged)]

@@ -1,5 +1,8 @@
 """Bad settings fail before anything is loaded or compiled, and say how to fix them."""
 
+import math
+
+import ml_collections
 import pytest
 from helpers import FRAMEWORKS, framework_config
 
@@ -43,20 +46,25 @@ def test_unknown_variant_is_named():
 @pytest.mark.parametrize(
     "overrides, num_devices, message",
     [
-        (dict(temperature=0.0), 1, "temperature must be > 0"),
-        (dict(dt_m=-1.0), 1, "dt_m must be > 0"),
-        (dict(base_tau_momentum=1.5), 1, r"base_tau_momentum must lie in \[0, 1\]"),
-        (dict(final_tau_momentum=-0.1), 1, r"final_tau_momentum must lie in \[0, 1\]"),
+        (dict(temperature=0.0), 1, "temperature must be a finite number > 0, got 0.0"),
+        (dict(dt_m=-1.0), 1, "dt_m must be a finite number > 0"),
+        (
+            dict(base_tau_momentum=1.5),
+            1,
+            r"base_tau_momentum must be a finite number in \[0, 1\], got 1.5",
+        ),
+        (dict(final_tau_momentum=-0.1), 1, r"final_tau_momentum must be a finite number in \[0"),
         (dict(batch_size=30), 8, "not divisible by the 8 devices"),
         (dict(queue_size=100), 1, "must be a multiple of the global batch_size=32"),
-        (dict(queue_size=-1), 1, "queue_size must be >= 0"),
+        (dict(queue_size=-1), 1, r"queue_size must be an integer in \[0, 16777216\], got -1"),
         (dict(backbone="vit"), 1, "backbone must be one of"),
         (dict(dtype="float16"), 1, "dtype must be one of"),
         (dict(lr_schedule_unit="iteration"), 1, "lr_schedule_unit must be one of"),
-        (dict(gray_scale_prob=2.0), 1, "gray_scale_prob is a probability"),
+        (dict(gray_scale_prob=2.0), 1, r"gray_scale_prob must be a finite number in \[0, 1\]"),
         (dict(min_scale=0.0), 1, "min_scale"),
         (dict(shuffle_bn=True, bn_groups=4), 1, "needs momentum_encoder=True"),
-        (dict(bn_groups=3), 1, "bn_groups=3 must be >= 1 and divide batch_size=32"),
+        (dict(bn_groups=3), 1, "bn_groups=3 must divide batch_size=32 into sub-batches of at"),
+        (dict(negative_groups=32), 1, "negative_groups=32 must divide batch_size=32 into sub-b"),
         (dict(dataset="npz", data_path=""), 1, "needs --config.data_path"),
     ],
 )
@@ -72,3 +80,106 @@ def test_unknown_key_is_rejected_with_the_known_ones():
     config.temprature = 0.2
     with pytest.raises(config_lib.ConfigError, match=r"unknown config keys \['temprature'\]"):
         config_lib.validate(config)
+
+
+# At least one bad value for every key of base_config(): its type, range, finiteness,
+# divisibility, or a constraint with another key (on the smoke config: batch 32, 2 epochs).
+BAD_VALUES = {
+    "dataset": ["", 3],
+    "data_path": [None],
+    "data_dir": [1.0],
+    "tfds_download": ["yes", 1],
+    "synthetic_num_train": [0, 10**9],
+    "synthetic_num_test": [0],
+    "synthetic_num_classes": [1],
+    "synthetic_image_size": [0],
+    "backbone": ["vit"],
+    "backbone_width": [0, -4, 4.0],
+    "cifar_stem": [1],
+    "proj_hidden_dim": [0],
+    "proj_output_dim": [0],
+    "momentum_encoder": ["True"],
+    "base_tau_momentum": [1.5, math.nan],
+    "final_tau_momentum": [-0.1],
+    "queue_size": [-1, 48, 2**30],
+    "temperature": [0.0, -0.1, math.inf, math.nan, "0.1"],
+    "dt_m": [0.0, math.inf],
+    "symmetric": [None],
+    "bn_groups": [0, 3, 32],
+    "shuffle_bn": ["no"],
+    "negative_groups": [0, 3, 32],
+    "batch_size": [0, 1, 2.5],
+    "max_epochs": [0, 1.5],
+    "lr": [0.0, -5.0, 1e30, math.inf],
+    "scale_lr": ["x"],
+    "classifier_lr": [-5.0, 1e30, 0.0, math.nan],
+    "momentum": [1.0, -0.1],
+    "weight_decay": [-1e-4, math.nan],
+    "warmup_epochs": [-1, 3],
+    "warmup_start_lr": [-0.1, math.inf],
+    "min_lr": [-0.1],
+    "lr_schedule_unit": ["iteration"],
+    "crop_size": [0],
+    "min_scale": [0.0, 1.5],
+    "max_scale": [1.5, 0.05],
+    "brightness": [-0.1],
+    "contrast": [math.inf],
+    "saturation": [-1.0],
+    "hue": [0.6],
+    "color_jitter_prob": [1.5],
+    "gray_scale_prob": [-0.1],
+    "horizontal_flip_prob": [2.0],
+    "gaussian_prob": [math.nan],
+    "solarization_prob": [-1.0],
+    "mean": [(0.5, 0.5), (2.0, 0.0, 0.0)],
+    "std": [(0.2, 0.2, 0.0), (0.2, 0.2, math.inf)],
+    "eval_every_epochs": [0],
+    "knn_k": [0],
+    "knn_temperature": [0.0, 0.001, math.inf],
+    "knn_every_epochs": [-1],
+    "eval_batch_size": [0],
+    "seed": [-1, 2**40],
+    "dtype": ["float16"],
+    "steps_per_dispatch": [0],
+    "log_every_steps": [0],
+    "checkpoint_every_steps": [0],
+    "keep_checkpoints": [0, -1],
+    "max_steps": [0, -2],
+}
+
+
+def test_every_key_has_a_domain_and_a_bad_value_here():
+    keys = set(config_lib.base_config().keys())
+    assert set(config_lib.DOMAINS) == keys
+    assert set(BAD_VALUES) == keys
+
+
+def _with(key, value):
+    """The smoke config with `key` set to `value`, whatever its type (no type-safe assignment)."""
+    return ml_collections.ConfigDict({**framework_config("simco", "smoke").to_dict(), key: value})
+
+
+@pytest.mark.parametrize(
+    "key, value", [(k, v) for k, values in BAD_VALUES.items() for v in values], ids=repr
+)
+def test_every_bad_value_fails_in_validate_naming_its_key(key, value, tmp_path, monkeypatch):
+    from simco_jax import data, train
+
+    def no_data(config):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(data, "load_dataset", no_data)
+    workdir = tmp_path / "run"
+    with pytest.raises(config_lib.ConfigError) as raised:
+        train.train_and_evaluate(_with(key, value), str(workdir))
+    message = str(raised.value)
+    assert key in message and "\n" not in message, message
+    assert not workdir.exists()  # checked before the workdir was touched
+
+
+def test_domain_bounds_are_inclusive_where_they_say_so():
+    ok = dict(momentum=0.0, hue=0.5, min_scale=1.0, keep_checkpoints=1, max_steps=-1, lr=100.0)
+    ok.update(knn_every_epochs=0, warmup_epochs=2, knn_temperature=0.012, seed=2**31 - 1)
+    config_lib.validate(ml_collections.ConfigDict({**_with("lr", 0.1).to_dict(), **ok}))
+    config_lib.validate(_with("queue_size", 64))  # a multiple of the batch
+    config_lib.validate(_with("negative_groups", 16))  # sub-batches of 2

@@ -174,8 +174,16 @@ def test_npz_directory(tmp_path):
 def test_npz_not_an_archive(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("hello, not a zip archive")
-    with pytest.raises(data.DataError, match=r"is not an \.npz file.*np\.savez"):
+    with pytest.raises(
+        data.DataError, match=r"is not an npz archive \(it is a file starting with b'hello,'\)"
+    ):
         load_npz(str(text))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"is not an npz archive \(it is an empty file\)"):
+        load_npz(str(tmp_path / "empty.npz"))
+    if os.path.exists("/dev/zero"):  # endless zeros: never read to the end
+        with pytest.raises(data.DataError, match="is not a regular file, so not an npz archive"):
+            load_npz("/dev/zero")
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
     with pytest.raises(data.DataError, match=r"single array \(\.npy\).*np\.savez"):
@@ -256,7 +264,70 @@ BAD_NPZ = {
         dict(npz_arrays(), class_names=np.array(["a", 1, None], dtype=object)),
         r"'class_names' cannot be read without pickle.*dtype=str",
     ),
+    "empty train": (
+        dict(
+            npz_arrays(),
+            train_images=np.zeros((0, 5, 5, 3), np.uint8),
+            train_labels=np.zeros(0, np.int64),
+        ),
+        r"the training split is empty \(train_images holds no images\)",
+    ),
+    # A label far beyond the others: an id, not a class; inferring 2**40 + 1 classes hung.
+    "label 2**40": (
+        _with("train_labels", np.array([0, 1, 2, 3] * 2 + [2**40, 0, 1, 2])),
+        r"the labels reach 1099511627776 but only 5 distinct values occur, so the class count "
+        r"\(1099511627777\) is not inferred from them. Add class_names .* or num_classes",
+    ),
+    "label 200000": (
+        _with("test_labels", np.array([0, 1, 2, 3, 200_000, 0])),
+        r"the labels reach 200000 but only 5 distinct values occur",
+    ),
+    "num_classes too large": (
+        dict(npz_arrays(), num_classes=np.int64(2**40)),
+        r"declares 1099511627776 classes, more than the 1000000",
+    ),
+    "num_classes not a count": (
+        dict(npz_arrays(), num_classes=np.array([4, 5])),
+        r"num_classes must be one positive integer",
+    ),
 }
+
+
+def test_npz_num_classes_key_allows_sparse_labels(tmp_path):
+    arrays = _with("test_labels", np.array([0, 1, 2, 3, 199, 0]))
+    ds = load_npz(write_npz(tmp_path, **arrays, num_classes=np.int64(200)))
+    assert ds.num_classes == 200 and ds.test_labels.dtype == np.int32
+
+
+def test_npz_member_declaring_an_enormous_shape_is_caught_before_reading(tmp_path):
+    # A header declaring 2**40 x 3 float64 (24 TiB) over a few bytes: MemoryError before.
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    header = {"descr": "<f8", "fortran_order": False, "shape": (2**40, 3)}
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(b"\0" * 64)
+    path = tmp_path / "lying.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, value in npz_arrays().items():
+            if key != "train_images":
+                buffer = io.BytesIO()
+                np.save(buffer, value)
+                archive.writestr(f"{key}.npy", buffer.getvalue())
+        archive.writestr("train_images.npy", member.getvalue())
+    pattern = (
+        r"member 'train_images.npy' declares shape \(1099511627776, 3\) of float64 "
+        r"\(26,388,279,066,624 bytes\) but holds only 64 bytes; the file is corrupt or truncated"
+    )
+    with pytest.raises(data.DataError, match=pattern):
+        load_npz(str(path))
+
+
+def test_label_casts_to_int32_are_exact():
+    np.testing.assert_array_equal(data._exact_int32(np.array([0, 7], np.uint64), "x", "s"), [0, 7])
+    with pytest.raises(data.DataError, match=r"s: train_labels do not fit in int32"):
+        data._exact_int32(np.array([0, 2**40]), "train_labels", "s")
 
 
 @pytest.mark.parametrize("case", sorted(BAD_NPZ))

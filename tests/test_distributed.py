@@ -265,7 +265,8 @@ def test_two_processes_train_as_one_and_resume_after_a_preemption(reference, tmp
     records = writers.read_metrics(workdir)
     loss_steps = [r["step"] for r in records if "loss" in r]
     assert loss_steps == list(range(1, STEPS + 1))
-    assert not re.search(r"step \d+/\d+ loss|eval at epoch", log1)
+    progress_line = r"train \d+/\d+ epoch [\d.]+/\d+ \||eval at epoch"
+    assert re.search(progress_line, log0) and not re.search(progress_line, log1)
     losses = np.array([r["loss"] for r in records if "loss" in r])
     np.testing.assert_allclose(losses, expected["losses"], rtol=RTOL, atol=ATOL)
     # Evaluation gathered over both processes' devices gives the single-process accuracy.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -27,7 +28,7 @@ def evaluated(pretrained, tmp_path_factory):
     """`launch.py --config=configs/linear_eval.py:smoke --config.pretrained=...` (both modes)."""
     workdir, _ = pretrained
     out = str(tmp_path_factory.mktemp("linear_out"))
-    run_python(
+    result = run_python(
         [
             "launch.py",
             "--config=configs/linear_eval.py:smoke",
@@ -35,7 +36,7 @@ def evaluated(pretrained, tmp_path_factory):
             f"--workdir={out}",
         ]
     )
-    return workdir, out
+    return workdir, out, result.stderr
 
 
 def test_restore_run_returns_the_trained_state(pretrained):
@@ -53,7 +54,7 @@ def test_restore_run_returns_the_trained_state(pretrained):
 
 
 def test_results_written_beside_checkpoint_and_in_workdir(evaluated):
-    pretrained_dir, out = evaluated
+    pretrained_dir, out, _ = evaluated
     for name in ("linear_eval.json", "knn_eval.json"):
         with open(os.path.join(pretrained_dir, name)) as f:
             beside = json.load(f)
@@ -69,10 +70,30 @@ def test_results_written_beside_checkpoint_and_in_workdir(evaluated):
     logged = writers.read_metrics(out)
     assert [r["step"] for r in logged if "linear_loss" in r] == [4]
     assert logged[-1]["probe_top1"] == linear["top1"]
+    assert (
+        linear["final_train_top1"]
+        == [r for r in logged if "linear_loss" in r][0]["linear_train_top1"]
+    )
+
+
+def test_linear_eval_prints_progress_with_an_eta(evaluated):
+    _, out, stderr = evaluated
+    # Not a terminal: a plain line at the last step, its ETA covering the evaluations left.
+    line = re.search(
+        r"linear eval 4/4 epoch 0.50/1 \| ([\d.]+) img/s \| ETA (\d+:\d\d:\d\d) "
+        r"\| loss ([\d.]+) train_top1 ([\d.]+)$",
+        stderr,
+        re.MULTILINE,
+    )
+    assert line, stderr
+    logged = [r for r in writers.read_metrics(out) if "linear_loss" in r][0]
+    assert float(line[1]) > 0
+    assert float(line[3]) == pytest.approx(logged["linear_loss"], abs=1e-4)
+    assert float(line[4]) == pytest.approx(logged["linear_train_top1"], abs=0.01)
 
 
 def test_offline_knn_equals_the_runs_final_knn_and_beats_chance(evaluated):
-    pretrained_dir, _ = evaluated
+    pretrained_dir, _, _ = evaluated
     knn = json.load(open(os.path.join(pretrained_dir, "knn_eval.json")))
     online = [r for r in writers.read_metrics(pretrained_dir) if "knn_top1" in r][-1]
     # Same checkpoint, k, temperature and clean images: the restored state's kNN is the run's.

@@ -458,7 +458,7 @@ def test_the_checkpoint_records_the_stream_position_and_refuses_a_changed_folder
     os.remove(os.path.join(root, "train", "cat", "cat_000.JPEG"))  # the order would change
     from simco_jax import checkpointing
 
-    with pytest.raises(checkpointing.CheckpointError, match="num_examples"):
+    with pytest.raises(checkpointing.CheckpointError, match="train_data"):
         _run(_config(root=root, max_steps=4, checkpoint_every_steps=2), tmp_path / "run")
 
 

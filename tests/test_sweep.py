@@ -2,10 +2,11 @@
 
 import csv
 import glob
+import logging
 import os
 
 import pytest
-from helpers import REPO, framework_config
+from helpers import REPO, framework_config, run_python
 
 from simco_jax import config as config_lib
 from simco_jax import sweep, train, writers
@@ -53,17 +54,50 @@ def test_sweep_trains_each_point_in_its_own_workdir_and_tabulates(finished_sweep
     assert [(r["dt_m"], r["steps"]) for r in rows] == [("1.0", 4), ("10.0", 4)]
 
 
-def test_rerun_skips_finished_points_and_resumes_unfinished_ones(finished_sweep, monkeypatch):
+def _sweep_messages(caplog):
+    messages = [r.getMessage() for r in caplog.records if r.name == "simco_jax.sweep"]
+    caplog.clear()
+    return messages
+
+
+def test_rerun_skips_finished_points_and_resumes_unfinished_ones(
+    finished_sweep, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="simco_jax")
     root, base, _ = finished_sweep
     calls = []
     real = train.train_and_evaluate
     monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append(w) or real(c, w))
     sweep.run_sweep(base, GRID, root)
     assert calls == []  # both finished: nothing trains
+    assert _sweep_messages(caplog) == [
+        "[1/2] dt_m=1.0: skipped (finished)",
+        "[2/2] dt_m=10.0: skipped (finished)",
+    ]
     os.remove(os.path.join(root, "dt_m=10.0", sweep.DONE_FILE))  # as if cut short
     sweep.run_sweep(base, GRID, root)
     assert calls == [os.path.join(root, "dt_m=10.0")]  # resumed from its checkpoint
     assert os.path.exists(os.path.join(root, "dt_m=10.0", sweep.DONE_FILE))
+    assert _sweep_messages(caplog) == [
+        "[1/2] dt_m=1.0: skipped (finished)",
+        f"[2/2] dt_m=10.0: training in {root}/dt_m=10.0 (sweep ETA ?)",
+    ]
+
+
+def test_cli_says_which_point_runs(finished_sweep, tmp_path):
+    """Under `python -m` the module is __main__: its messages must still show."""
+    root, _, _ = finished_sweep
+    sweep_file = tmp_path / "dt.py"
+    sweep_file.write_text(
+        "def get_sweep(variant=None):\n"
+        "    return {'base': 'configs/simco_cifar.py', 'grid': {'dt_m': [1.0, 10.0]}}\n"
+    )
+    result = run_python(
+        ["-m", "simco_jax.sweep", f"--sweep={sweep_file}", f"--workdir={root}", "--variant=smoke"]
+    )
+    assert "[1/2] dt_m=1.0: skipped (finished)" in result.stderr
+    assert "[2/2] dt_m=10.0: skipped (finished)" in result.stderr
+    assert "2 points; tables in" in result.stdout
 
 
 def test_cli_table_only_rewrites_the_tables_with_its_command(finished_sweep, tmp_path):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import FRAMEWORKS, framework_config, run_python
+from test_progress import TRAIN_LINE
 
 from simco_jax import checkpointing, data, train, train_step, writers
 
@@ -32,12 +33,26 @@ def _setup(config):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_smoke_run_through_launch_leaves_checkpoint_and_metrics(framework, tmp_path):
     workdir = tmp_path / framework
-    run_python(
+    result = run_python(
         ["launch.py", f"--config=configs/{framework}_cifar.py:smoke", f"--workdir={workdir}"]
     )
     records = writers.read_metrics(str(workdir))
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(np.isfinite(losses))
+    # One convention: accuracies in percent; τ only for the frameworks with a momentum encoder.
+    logged = [r for r in records if "loss" in r]
+    assert all(0.0 <= r["probe_train_top1"] <= 100.0 and "probe_acc" not in r for r in logged)
+    assert all(("tau" in r) == (framework != "simco") for r in logged)
+    # Not a terminal: plain progress lines, at least at each epoch end, with the logged loss.
+    lines = [m.groupdict() for m in map(TRAIN_LINE.search, result.stderr.splitlines()) if m]
+    at_epoch_ends = {line["step"]: line for line in lines if line["step"] in ("8", "16")}
+    assert sorted(at_epoch_ends) == ["16", "8"]
+    for line in at_epoch_ends.values():
+        assert line["total"] == "16" and line["speed"] != "?" and line["eta"] != "?"
+        assert float(line["loss"]) == pytest.approx(
+            [r["loss"] for r in logged if r["step"] == int(line["step"])][0], abs=1e-4
+        )
+    assert "eval at epoch 2: {" in result.stderr
     final = [r for r in records if "probe_top1" in r][-1]
     assert 0.0 <= final["probe_top1"] <= final["probe_top5"] <= 100.0
     assert "knn_top1" in final
