@@ -222,7 +222,7 @@ def _bilinear_reference(pixels: np.ndarray, size: int) -> np.ndarray:
         return w / w.sum(axis=1, keepdims=True)
 
     rows, cols = weights(pixels.shape[0]), weights(pixels.shape[1])
-    return np.einsum("oh,hwc,pw->opc", rows, pixels.astype(np.float64), cols)
+    return np.einsum("oh,hwc,pw->opc", rows, pixels.astype(np.float64), cols, optimize=True)
 
 
 def test_host_resize_matches_antialiased_bilinear_within_one_gray_level():
