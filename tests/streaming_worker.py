@@ -1,7 +1,9 @@
 """Worker of tests/test_streaming.py: trains SimCo on an image folder in streaming mode on this
 process's devices, recording every file it opens.
 
-    python tests/streaming_worker.py ROOT OUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python tests/streaming_worker.py ROOT WORKDIR OUT.npz [COORDINATOR NUM_PROCESSES PROCESS_ID]
+
+The processes of one run share WORKDIR (each writes its part of the checkpoints there).
 """
 
 import os
@@ -13,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 
-def main(root, out_dir, coordinator="", num_processes="0", process_id="-1"):
+def main(root, workdir, out, coordinator="", num_processes="0", process_id="-1"):
     from simco_jax import parallel
 
     parallel.initialize_distributed(coordinator, int(num_processes), int(process_id))
@@ -39,12 +41,10 @@ def main(root, out_dir, coordinator="", num_processes="0", process_id="-1"):
         log_every_steps=1,
         checkpoint_every_steps=1000,
     )
-    os.makedirs(out_dir, exist_ok=True)
-    workdir = os.path.join(out_dir, "run")
     train.train_and_evaluate(config, workdir)
     records = writers.read_metrics(workdir) if jax.process_index() == 0 else []
     np.savez(
-        os.path.join(out_dir, "result.npz"),
+        out,
         losses=np.array([r["loss"] for r in records if "loss" in r]),
         devices=jax.device_count(),
         opened=np.array(sorted(set(opened))),

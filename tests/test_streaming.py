@@ -500,10 +500,15 @@ def _load(path):
 def one_and_eight_devices(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("devices")
     started = [
-        _start([folder[0], str(out / f"d{n}")], _devices_env(n), out / f"d{n}.log") for n in (1, 8)
+        _start(
+            [folder[0], str(out / f"run{n}"), str(out / f"d{n}.npz")],
+            _devices_env(n),
+            out / f"d{n}.log",
+        )
+        for n in (1, 8)
     ]
     _finish(started)
-    return {n: _load(out / f"d{n}" / "result.npz") for n in (1, 8)}
+    return {n: _load(out / f"d{n}.npz") for n in (1, 8)}
 
 
 @pytest.mark.slow
@@ -525,14 +530,21 @@ def test_two_processes_read_only_their_own_files_and_train_as_one(
     port = _free_port()
     started = [
         _start(
-            [folder[0], str(tmp_path / f"p{i}"), f"127.0.0.1:{port}", "2", str(i)],
+            [
+                folder[0],
+                str(tmp_path / "run"),  # shared: both processes write the checkpoints there
+                str(tmp_path / f"p{i}.npz"),
+                f"127.0.0.1:{port}",
+                "2",
+                str(i),
+            ],
             _devices_env(4),
             tmp_path / f"p{i}.log",
         )
         for i in range(2)
     ]
     _finish(started)
-    results = [_load(tmp_path / f"p{i}" / "result.npz") for i in range(2)]
+    results = [_load(tmp_path / f"p{i}.npz") for i in range(2)]
     eight = one_and_eight_devices[8]
     np.testing.assert_allclose(results[0]["losses"], eight["losses"], rtol=RTOL, atol=ATOL)
     # Each process opened only its own half of every global batch (train and evaluation).
