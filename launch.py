@@ -35,6 +35,11 @@ _HEARTBEAT = flags.DEFINE_integer(
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Print the full traceback of expected errors too (bad config, data, ...)."
 )
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_s",
+    None,
+    "Multi-host: seconds each process waits for all the others to connect (default: JAX's, 300).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # What a user can cause and fix: one line `error: <message>`, exit 2 (--verbose: the traceback
@@ -99,6 +104,7 @@ def main(argv):
         _NUM_PROCESSES.value,
         _PROCESS_ID.value,
         heartbeat_timeout_s=_HEARTBEAT.value,
+        initialization_timeout_s=_INIT_TIMEOUT.value,
     )
     absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax; our progress stays at INFO
     logging.getLogger("simco_jax").setLevel(logging.INFO)

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# One prepared command for a GPU machine (see benchmarks/README.md), under 8 minutes:
-#   1. installs the carried ml-collections wheel if the image lacks it;
+# One command for a GPU or TPU machine (see benchmarks/README.md), under 8 minutes by default:
+#   1. installs the prepared ml-collections wheel if the environment lacks it;
 #   2. the throughput table of the three frameworks (ResNet-18, bf16, batch 128–1024 for SimCo,
 #      MoCo v2 with a 65,536-key queue and SimMoCo at 256, bare fwd/bwd baseline at 256);
-#   3. a short real-accuracy run: SimCo on the carried CIFAR-100 subset via launch.py.
+#   3. a short real-accuracy run: SimCo on the prepared CIFAR-100 subset via launch.py.
 # Results land in $OUT (at most 8 files): device_run.log, env.txt, throughput.{json,txt},
 # accuracy_metrics.jsonl, accuracy_config.json, summary.json.
 #
-#   prepare here:  python benchmarks/prepare_device_payload.py
-#   device tool:   run(command="bash benchmarks/device_run.sh", carry=["device_payload"],
-#                      timeout_s=540)
-#   test here:     bash benchmarks/device_run.sh --cpu-dry-run   (tiny settings, same code paths)
+#   prepare:   python benchmarks/prepare_device_payload.py --source=/path/to/cifar100.npz
+#   check:     bash benchmarks/device_run.sh --cpu-dry-run   (tiny settings, same code paths)
+#   run:       OUT=runs/device_run bash benchmarks/device_run.sh
 #
 # Time limits (seconds, overridable): BENCH_TIMEOUT=250, ACC_TIMEOUT=170; ACC_EPOCHS=30.
 set -uo pipefail
@@ -32,7 +31,7 @@ main() {
 
   # -------------------------------------------------------------- 1. dependencies
   if ! "$PY" -c "import ml_collections" 2>/dev/null; then
-    echo "installing the carried wheels: $(ls $PAYLOAD/wheels)"
+    echo "installing the prepared wheels: $(ls $PAYLOAD/wheels)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/simco_site "$PAYLOAD"/wheels/*.whl || return 3
     export PYTHONPATH="/tmp/simco_site${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,15 +1,13 @@
-r"""Prepares device_payload/ (git-ignored) for benchmarks/device_run.sh on a GPU machine.
+r"""Prepares device_payload/ (git-ignored) for benchmarks/device_run.sh (see benchmarks/README.md).
 
-    python benchmarks/prepare_device_payload.py            # reads ../shared/data/cifar100.npz
+    python benchmarks/prepare_device_payload.py --source=/path/to/cifar100.npz [--no_wheels]
 
 Writes
 * device_payload/cifar100_subset.npz: a class-balanced CIFAR-100 subset (default 100 train and
   20 test images per class, 10,000 + 2,000 images, about 35 MiB, uncompressed uint8) with the
-  keys launch.py's npz source reads;
-* device_payload/wheels/: ml-collections (pure Python; the device image lacks it), fetched with
-  `pip download --no-deps`, the only network use, and only when the wheel is not there yet.
-
-Everything that travels must stay under the device tool's 64 MiB limit with the repository.
+  keys launch.py's npz source reads, cut from `--source` (CIFAR-100 as an .npz with those keys);
+* device_payload/wheels/ (unless --no_wheels): the ml-collections wheel (pure Python), fetched
+  with `pip download --no-deps`, for a machine with JAX but without internet access.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SOURCE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar100.npz")
 PAYLOAD = os.path.join(REPO, "device_payload")
 MAX_BYTES = 40 * 2**20
 
@@ -69,7 +66,7 @@ def fetch_wheels(wheel_dir: str) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--source", default=DEFAULT_SOURCE)
+    p.add_argument("--source", required=True, help="CIFAR-100 as .npz (train_images, ...)")
     p.add_argument("--train_per_class", type=int, default=100)
     p.add_argument("--test_per_class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,7 @@ from simco_jax import config as config_lib
 
 def get_config(arg=None):
     config = config_lib.base_config()
-    # The four settings in which the frameworks differ (spec §2).
+    # The four settings in which the frameworks differ (simco_jax/config.py).
     config.momentum_encoder = False
     config.queue_size = 0
     config.dt_m = 10.0  # tau_beta / tau_alpha; 1.0 is InfoNCE

@@ -1,4 +1,4 @@
-"""The two-view augmentation of the official recipe (spec §3), on the accelerator, inside jit.
+"""The two-view augmentation of the official CIFAR recipe, on the accelerator, inside jit.
 
 The host feeds uint8 batches (B, H, W, 3); every image draws its own parameters from its own key
 (`jax.random.split` of the batch key, then `jax.vmap` of a per-image function). Per view, in the
@@ -415,7 +415,7 @@ def augment_view(key, images, params: AugmentParams, crop: bool = True):
 
 
 def two_views(key, images, params: AugmentParams):
-    """The two views of the recipe, each from its own independent key stream.
+    """The two views of the official recipe, each from its own independent key stream.
 
     `images` is a uint8 batch to crop here, or a pair of batches of host crops (streamed data:
     both views cropped from one decode), which then get steps 2-6 only.

@@ -1,6 +1,7 @@
 """The one configuration schema: defaults, and the checks that run before anything compiles.
 
-Every framework of the paper is a setting of the same keys (spec §2):
+Every framework of the paper (Zhang et al., CVPR 2022, arXiv:2203.17248) is a setting of the
+same keys, as in its official code (github.com/ChaoningZhang/Dual-temperature):
 
 =================  ==========  =========  =========
 key                MoCo v2     SimMoCo    SimCo
@@ -32,7 +33,8 @@ _INPUT_MODES = ("auto", "resident", "streaming")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults: the official SimCo recipe on CIFAR-100 (spec §3). Frameworks override §2 keys."""
+    """Defaults: the official SimCo recipe on CIFAR-100 (the official scripts' flags). Frameworks
+    override the four method keys of the module docstring."""
     c = ml_collections.ConfigDict()
 
     # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, imagenet2012, ...),
@@ -59,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.proj_hidden_dim = 128
     c.proj_output_dim = 128
 
-    # The contrastive method (spec §2): SimCo by default.
+    # The contrastive method: SimCo by default (the table in the module docstring).
     c.momentum_encoder = False
     c.base_tau_momentum = 0.99
     c.final_tau_momentum = 0.99
@@ -73,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.shuffle_bn = False  # MoCo's ShuffleBN: the key encoder sees the batch shuffled across groups.
     c.negative_groups = 1  # in-batch negatives only from the anchor's own sub-batch.
 
-    # Optimisation (spec §3).
+    # Optimisation: the official CIFAR-100 scripts' SGD recipe.
     c.batch_size = 256  # global batch, over all devices and hosts
     c.max_epochs = 200
     c.lr = 0.03  # at batch 256; scaled by batch_size / 256 when scale_lr
@@ -86,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.min_lr = 0.0
     c.lr_schedule_unit = "epoch"  # the official code steps the schedule once per epoch
 
-    # Augmentation (spec §3), official flag names.
+    # Augmentation: the official scripts' CIFAR pipeline, with their flag names.
     c.crop_size = 32
     c.min_scale = 0.08
     c.max_scale = 1.0

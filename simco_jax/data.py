@@ -514,7 +514,14 @@ def _alternatives(name: str) -> str:
 
 def load_tfds(config: ml_collections.ConfigDict) -> Dataset:
     """A tfds image-classification dataset (``image``/``label`` features, train/test splits)."""
-    import tensorflow_datasets as tfds  # heavy; synthetic and npz runs never import it
+    try:
+        import tensorflow_datasets as tfds  # heavy; synthetic and npz runs never import it
+    except ImportError as error:  # an optional dependency (pyproject.toml's extra `tfds`)
+        raise DataError(
+            f"dataset {config.dataset!r} is read with tensorflow-datasets and TensorFlow, which "
+            f'are not installed ({error}). Install them with `pip install -e ".[tfds]"`, or '
+            f"use --config.dataset=npz --config.data_path=FILE.npz or --config.dataset=synthetic."
+        ) from error
 
     name = config.dataset
     data_dir = config.data_dir or None

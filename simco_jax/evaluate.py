@@ -1,6 +1,7 @@
 """Evaluation on clean (only normalised) images: the online probe's accuracy and a kNN monitor.
 
-Top-1 of the online probe over the whole test set is the paper's headline metric (spec §4). The
+Top-1 of the online probe over the whole test set is what the official code reports (a linear
+layer on stop-gradient features, trained alongside; Zhang et al., CVPR 2022). The
 kNN monitor is the usual CIFAR protocol: cosine similarity to the clean training set, the k nearest
 vote with weights exp(sim / T).
 """

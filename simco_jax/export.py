@@ -4,7 +4,8 @@ The file is safetensors, written by hand: an 8-byte little-endian header length 
 JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` (padded
 with spaces to a multiple of 8), then the raw little-endian tensor bytes; offsets count from the
 end of the header. `safetensors.torch.load_file(path)` gives a dict that loads with
-`torchvision.models.resnet18()` (conv1 replaced for CIFAR, fc dropped) via `load_state_dict`.
+`torchvision.models.resnet18()` (conv1 replaced for CIFAR, fc dropped) via `load_state_dict` at
+width 64; `describe_export` writes the loading code for any width (what the command line prints).
 
 Layouts: Flax conv kernels are HWIO, torch's OIHW; Flax Dense kernels are (in, out), torch's
 Linear weight is (out, in). BatchNorm: scale → weight, bias → bias, batch_stats mean/var →
@@ -258,6 +259,89 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+_TORCHVISION_BLOCKS = {
+    "resnet18": ("BasicBlock", (2, 2, 2, 2)),
+    "resnet50": ("Bottleneck", (3, 4, 6, 3)),
+}
+
+
+def torchvision_loading_snippet(
+    path, backbone: str, width: int, cifar_stem: bool = True, projector_shape=None
+) -> str:
+    """Python that loads an exported file into torchvision, for the file's backbone and width.
+
+    torchvision's constructors fix the stage widths at 64·2^i (`width_per_group` only widens a
+    Bottleneck's inner 3×3, and BasicBlock rejects it), so at another `width` the snippet rebuilds
+    the stem and the four stages with torchvision's own `ResNet._make_layer`, as its constructor
+    does. projector_shape: (features, hidden, output) of an exported projector, or None.
+    """
+    block, layers = _TORCHVISION_BLOCKS[backbone]
+    lines = ["import torch", "import torchvision", "from safetensors.torch import load_file"]
+    if width != 64:
+        lines.append(f"from torchvision.models.resnet import {block}")
+    lines += ["", f"model = torchvision.models.{backbone}()"]
+    stem = "3, 1, 2" if cifar_stem else "7, 2, 3"
+    if width != 64:
+        planes = [width * 2**i for i in range(4)]
+        lines.append(
+            f"# width {width}: stages of {', '.join(map(str, planes))} channels instead of "
+            f"torchvision's 64, 128, 256, 512"
+        )
+        lines.append(f"model.inplanes = {width}")
+    if cifar_stem or width != 64:
+        comment = "  # the CIFAR stem" if cifar_stem else ""
+        lines.append(f"model.conv1 = torch.nn.Conv2d(3, {width}, {stem}, bias=False){comment}")
+    if width != 64:
+        lines.append(f"model.bn1 = torch.nn.BatchNorm2d({width})")
+        for i, (count, planes_i) in enumerate(zip(layers, planes, strict=True), start=1):
+            stride = "" if i == 1 else ", stride=2"
+            lines.append(
+                f"model.layer{i} = model._make_layer({block}, {planes_i}, {count}{stride})"
+            )
+    if cifar_stem:
+        lines.append("model.maxpool = torch.nn.Identity()")
+    path = str(path)
+    quoted = f'"{path}"' if '"' not in path and "\\" not in path else repr(path)  # black's style
+    lines += ["model.fc = torch.nn.Identity()", f"state = load_file({quoted})"]
+    if projector_shape is None:
+        lines.append("model.load_state_dict(state)")
+    else:
+        features, hidden, output = projector_shape
+        lines += [
+            'model.load_state_dict({k: v for k, v in state.items() if "projector" not in k})',
+            f"projector = torch.nn.Sequential(torch.nn.Linear({features}, {hidden}), "
+            f"torch.nn.ReLU(), torch.nn.Linear({hidden}, {output}))",
+            "projector.load_state_dict(",
+            '    {k.removeprefix("projector."): v for k, v in state.items() if "projector" in k}',
+            ")",
+        ]
+    return "\n".join(lines)
+
+
+def describe_export(path, tensors: Mapping[str, np.ndarray]) -> str:
+    """What an exported file holds, read off its tensors, and the Python that loads it."""
+    backbone = "resnet50" if "layer1.0.conv3.weight" in tensors else "resnet18"  # Bottleneck
+    stem = tensors["conv1.weight"].shape  # (width, 3, k, k)
+    width, cifar_stem = stem[0], stem[-1] == 3
+    projector_shape = None
+    if "projector.0.weight" in tensors:
+        hidden, features = tensors["projector.0.weight"].shape
+        projector_shape = (features, hidden, tensors["projector.2.weight"].shape[0])
+    what = (
+        f"wrote {len(tensors)} tensors to {path}: {backbone} backbone, width {width}, "
+        f"{'CIFAR' if cifar_stem else 'ImageNet'} stem{', projector' if projector_shape else ''}."
+    )
+    if width == 64:
+        how = f" Load it into torchvision.models.{backbone}() with:"
+    else:
+        how = (
+            f" torchvision.models.{backbone}() has width 64 and cannot load it; this rebuilds its"
+            f" stem and stages at width {width} and loads it:"
+        )
+    snippet = torchvision_loading_snippet(path, backbone, width, cifar_stem, projector_shape)
+    return f"{what}{how}\n\n{snippet}"
+
+
 def export_run(workdir, out, *, include_projector: bool = False) -> dict[str, np.ndarray]:
     """Restores a training run's latest checkpoint and exports its online encoder to `out`."""
     from simco_jax import linear_eval  # the one place that restores a run from its workdir
@@ -283,7 +367,7 @@ def main(argv=None) -> None:
     parser.add_argument("--include_projector", action="store_true")
     args = parser.parse_args(argv)
     tensors = export_run(args.workdir, args.out, include_projector=args.include_projector)
-    print(f"wrote {len(tensors)} tensors to {args.out}")
+    print(describe_export(args.out, tensors))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Learning-rate and momentum-coefficient schedules of the official recipe (spec §2-3).
+"""Learning-rate and momentum-coefficient schedules of the official recipe (solo-learn's, as in
+github.com/ChaoningZhang/Dual-temperature).
 
 All are pure functions of the step, traceable inside jit, so a resumed run sees the same values.
 """

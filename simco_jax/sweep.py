@@ -15,7 +15,7 @@ Each point trains in ROOT/<key=value,...> (rerunning the command resumes interru
 skips finished ones: those with a `sweep_point.json`). The table (ROOT/results.csv and
 ROOT/results.md) has one row per point: the grid values, the final online-probe top-1/top-5, the
 last kNN top-1, the steps trained, the wall time of the call that finished the point, and the
-hardware. `PUBLISHED` holds the paper's table (spec §5) for plots beside it.
+hardware. `PUBLISHED` holds the official repository's batch-size table for plots beside it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ log = logging.getLogger("simco_jax.sweep")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Official README, CIFAR-100, ResNet-18, 200 epochs, online linear probe top-1 % (spec §5).
+# The official README (github.com/ChaoningZhang/Dual-temperature): CIFAR-100, ResNet-18, 200
+# epochs, online linear probe top-1 %.
 PUBLISHED = {
     "mocov2": {64: 52.58, 128: 54.40, 256: 53.28, 512: 51.47, 1024: 48.90},
     "simmoco": {64: 54.02, 128: 54.93, 256: 54.11, 512: 52.45, 1024: 49.70},

@@ -1,4 +1,4 @@
-"""Batch size 64–1024 × the three frameworks: the published table (spec §5).
+"""Batch size 64–1024 × the three frameworks: the table of the official README.
 
     python -m simco_jax.sweep --sweep=sweeps/batch_size.py --workdir=runs/sweep_batch_size
 

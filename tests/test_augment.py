@@ -1,4 +1,4 @@
-"""Tests of the on-device two-view augmentation (spec §3).
+"""Tests of the on-device two-view augmentation (the official CIFAR recipe).
 
 References are independent re-implementations: torchvision's RandomResizedCrop.get_params as its
 sequential Python loop, PIL's own bicubic resize, NumPy blends and `colorsys` HSV for ColorJitter,
@@ -440,7 +440,7 @@ def test_params_from_config_hashable_and_defaults_are_the_recipe():
     assert (params.crop_size, params.min_scale, params.hue) == (24, 0.2, 0.05)
     assert params.mean == (0.5, 0.5, 0.5) and params.std == AugmentParams().std
     assert hash(params) == hash(AugmentParams.from_config(config))
-    # The defaults are spec §3's recipe, and the library config carries the same values.
+    # The defaults are the official recipe, and the library config carries the same values.
     from simco_jax import config as config_lib
 
     assert AugmentParams.from_config(config_lib.base_config()) == AugmentParams()

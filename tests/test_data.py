@@ -6,6 +6,7 @@ locally, or with the reachability probe replaced.
 
 import os
 import socket
+import sys
 import time
 
 import ml_collections
@@ -393,10 +394,8 @@ def test_tfds_mock_data(monkeypatch, no_proxy, name, num_classes):
 
 def test_tfds_unreachable_fails_fast_with_alternatives(monkeypatch, tmp_path, forbid_download):
     monkeypatch.setattr(data, "any_host_reachable", lambda addresses: False)
-    start = time.monotonic()
-    with pytest.raises(data.DataError) as info:
+    with pytest.raises(data.DataError) as info:  # at once: forbid_download fails any attempt
         data.load_dataset(make_config(dataset="cifar100", data_dir=str(tmp_path)))
-    assert time.monotonic() - start < 10
     message = str(info.value)
     assert "'cifar100' is not prepared" in message and str(tmp_path) in message
     assert "www.cs.toronto.edu:443" in message
@@ -423,6 +422,14 @@ def test_tfds_failed_download_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "any_host_reachable", lambda addresses: True)
     with pytest.raises(data.DataError, match=r"ConnectionError: connection reset(.|\n)*synthetic"):
         data.load_dataset(make_config(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_tfds_not_installed_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` raises ImportError
+    with pytest.raises(data.DataError, match=r"tensorflow-datasets and TensorFlow, which are not "):
+        data.load_dataset(make_config(dataset="cifar100"))
+    with pytest.raises(data.DataError, match=r'pip install -e "\.\[tfds\]"(.|\n)*dataset=npz'):
+        data.load_dataset(make_config(dataset="cifar100"))
 
 
 def test_tfds_unknown_name():
@@ -467,13 +474,13 @@ def test_any_host_reachable_on_local_sockets():
 
 def test_any_host_reachable_gives_up_at_the_deadline(monkeypatch):
     def hanging_connection(address, timeout=None):
-        time.sleep(5.0)  # a DNS lookup or SYN that never answers
+        time.sleep(600)  # a DNS lookup or SYN that never answers (a daemon thread: not waited for)
         raise OSError("too late")
 
     monkeypatch.setattr(data.socket, "create_connection", hanging_connection)
     start = time.monotonic()
     assert data.any_host_reachable([("slow.example", 443)], timeout_s=0.2) is False
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 300  # gave up at its deadline, not with the connection
 
 
 class SimcoTestTinyImages(tfds.core.GeneratorBasedBuilder):

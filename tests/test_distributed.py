@@ -2,21 +2,23 @@
 bfloat16 tracks float32; per-device (multi-GPU PyTorch) semantics match a direct computation.
 
 Simulated devices need XLA_FLAGS before JAX starts, so the multi-device runs are subprocesses:
-this file doubles as their worker (`python tests/test_distributed.py OUT_DIR`).
+this file doubles as their worker (`python tests/test_distributed.py OUT_DIR FRAMEWORK...`).
+SimCo on 1 vs 8 devices runs by default; the other frameworks and the two-process runs are
+`slow` (`python -m pytest -m slow`).
 """
 
 import contextlib
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 
-# One smoke run per framework: 4 logged steps (one per dispatch), the final probe evaluation, one
+# One smoke run per framework: 3 logged steps (one per dispatch), the final probe evaluation, one
 # checkpoint at the end. Every run in this file uses it, so each program compiles once.
 OVERRIDES = dict(
     max_steps=3,
@@ -26,7 +28,6 @@ OVERRIDES = dict(
     checkpoint_every_steps=1000,
 )
 STEPS = OVERRIDES["max_steps"]
-DEADLINE_S = 400  # a cold XLA cache on a loaded 2-core machine
 # Float32 reductions (BatchNorm statistics, gradients) are summed in another order when split over
 # devices: the first step's loss and gradients agree to ~1e-6 relative. The tiny smoke network
 # amplifies such rounding differences step by step (so does rounding its initial parameters), so
@@ -50,15 +51,17 @@ def _flat(tree) -> dict:
     }
 
 
-def _worker(out_dir: str) -> None:
-    """Trains every framework with OVERRIDES on this process's devices; dumps losses and state."""
+def _worker(out_dir: str, frameworks) -> None:
+    """Trains each framework with OVERRIDES on this process's devices; dumps losses and state."""
     import flax
     import jax
-    from helpers import FRAMEWORKS, framework_config
+    from helpers import framework_config
 
     from simco_jax import data, parallel, train, train_step, writers
 
-    for framework in FRAMEWORKS:
+    logging.basicConfig(format="%(asctime)s %(message)s")  # progress in the log a timeout shows
+    logging.getLogger("simco_jax").setLevel(logging.INFO)
+    for framework in frameworks:
         workdir = os.path.join(out_dir, framework)
         config = framework_config(framework, **OVERRIDES)
         summary = train.train_and_evaluate(config, workdir)
@@ -80,7 +83,7 @@ def _worker(out_dir: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2:])
     sys.exit(0)
 
 
@@ -88,26 +91,18 @@ import jax  # noqa: E402 - the worker above must not import JAX before its XLA_F
 import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
-from helpers import FRAMEWORKS, REPO, framework_config  # noqa: E402
+from helpers import DEADLINE_S, FRAMEWORKS, REPO, framework_config, tail, wait, wait_until  # noqa: E402
 
 from simco_jax import augment, data, models, train_step, writers  # noqa: E402
 from simco_jax import config as config_lib  # noqa: E402
 
 
 def _devices_env(count: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-
-
-def _wait(process, log_path, timeout):
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        message = f"{process.args} still running after {timeout} s:\n{_tail(log_path)}"
-        raise AssertionError(message) from error
-
-
-def _tail(path, chars=4000):
-    return open(path, errors="replace").read()[-chars:]
+    return dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+    )
 
 
 @contextlib.contextmanager
@@ -138,18 +133,29 @@ def _load(path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """{1: runs on one device, 8: runs on eight}: {framework: losses, probe_top1, state leaves}."""
-    root = tmp_path_factory.mktemp("devices")
-    commands = []
-    for count in (1, 8):
-        os.makedirs(root / str(count))
-        commands.append(([__file__, str(root / str(count))], _devices_env(count)))
-    with _processes(commands, str(root), "devices") as started:  # both at once: two cores
-        for process, log_path in started:
-            assert _wait(process, log_path, DEADLINE_S) == 0, _tail(log_path)
-    return {
-        count: {fw: _load(root / str(count) / f"{fw}.npz") for fw in FRAMEWORKS} for count in (1, 8)
-    }
+    """reference(framework) → {1: the run on one device, 8: on eight}, each {losses, probe_top1,
+    state leaves}; computed on first use, so the default suite trains SimCo only."""
+    runs = {}
+
+    def get(framework):
+        if framework not in runs:
+            runs[framework] = f"the {framework} reference run failed: see the first failure"
+            root = tmp_path_factory.mktemp(f"devices_{framework}")
+            commands = []
+            for count in (1, 8):
+                os.makedirs(root / str(count))
+                args = [__file__, str(root / str(count)), framework]
+                commands.append((args, _devices_env(count)))
+            with _processes(commands, str(root), "devices") as started:  # both at once: 2 cores
+                for process, log_path in started:
+                    if wait(process, log_path) != 0:
+                        pytest.fail(f"{process.args} failed:\n{tail(log_path)}", pytrace=False)
+            runs[framework] = {c: _load(root / str(c) / f"{framework}.npz") for c in (1, 8)}
+        if isinstance(runs[framework], str):  # failed once: report it once, briefly after
+            pytest.fail(runs[framework], pytrace=False)
+        return runs[framework]
+
+    return get
 
 
 def _assert_moved_alike(actual: dict, expected: dict):
@@ -167,9 +173,12 @@ def _assert_moved_alike(actual: dict, expected: dict):
     return compared
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize(
+    "framework",
+    [fw if fw == "simco" else pytest.param(fw, marks=pytest.mark.slow) for fw in FRAMEWORKS],
+)
 def test_one_and_eight_devices_train_the_same(reference, framework):
-    one, eight = reference[1][framework], reference[8][framework]
+    one, eight = reference(framework)[1], reference(framework)[8]
     assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
     assert one["losses"].shape == (STEPS,) and np.all(np.isfinite(one["losses"]))
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=RTOL, atol=ATOL)
@@ -191,7 +200,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_process_commands(workdir, *, max_steps=STEPS, heartbeat_s=5):
+def _two_process_commands(workdir, *, max_steps=STEPS, heartbeat_s=None):
     overrides = {**OVERRIDES, "max_steps": max_steps}
     port = _free_port()
     base = [
@@ -201,22 +210,17 @@ def _two_process_commands(workdir, *, max_steps=STEPS, heartbeat_s=5):
         *(f"--config.{k}={v}" for k, v in overrides.items()),
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
-        f"--heartbeat_timeout_s={heartbeat_s}",
+        f"--initialization_timeout_s={DEADLINE_S:.0f}",  # one process may start minutes late
+        *([f"--heartbeat_timeout_s={heartbeat_s}"] if heartbeat_s else []),
     ]
     return [([*base, f"--process_id={i}"], _devices_env(4)) for i in range(2)]
 
 
 def _wait_for_first_loss(workdir, started):
     metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        if os.path.exists(metrics) and os.path.getsize(metrics):
-            return
-        for process, log_path in started:
-            if process.poll() is not None:
-                raise AssertionError(f"exited ({process.returncode}) early:\n{_tail(log_path)}")
-        time.sleep(0.05)
-    raise AssertionError(f"no metrics within {DEADLINE_S} s")
+    wait_until(
+        lambda: os.path.exists(metrics) and os.path.getsize(metrics), started, "the first loss"
+    )
 
 
 def _checkpoint(workdir):
@@ -236,19 +240,20 @@ def _checkpoint(workdir):
     return steps, _flat(checkpointer.restore(path, target))
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_after_a_preemption(reference, tmp_path):
     """2 processes × 4 CPU devices: SIGTERM to process 1 alone stops both at the same step with a
     checkpoint; the relaunch resumes; the whole run equals the single-process 8-device run."""
     workdir = str(tmp_path / "run")
-    expected = reference[8]["simco"]
+    expected = reference("simco")[8]
 
     # Leg 1: preempt process 1 only, once training runs. Both must agree on the step and save.
     with _processes(_two_process_commands(workdir), str(tmp_path), "leg1_") as started:
         _wait_for_first_loss(workdir, started)
         started[1][0].send_signal(signal.SIGTERM)
         for process, log_path in started:
-            assert _wait(process, log_path, 180) == 143, _tail(log_path)
-    log0, log1 = (_tail(tmp_path / f"leg1_{i}.log", 10**6) for i in range(2))
+            assert wait(process, log_path) == 143, tail(log_path)
+    log0, log1 = (tail(tmp_path / f"leg1_{i}.log", 10**6) for i in range(2))
     assert "on 8 devices; fresh start" in log0
     stopped = int(re.search(rf"preempted: saved the checkpoint of step (\d+)/{STEPS}", log0)[1])
     assert 1 <= stopped < STEPS
@@ -257,8 +262,8 @@ def test_two_processes_train_as_one_and_resume_after_a_preemption(reference, tmp
     # Leg 2: the same command resumes from that checkpoint and finishes.
     with _processes(_two_process_commands(workdir), str(tmp_path), "leg2_") as started:
         for process, log_path in started:
-            assert _wait(process, log_path, DEADLINE_S) == 0, _tail(log_path)
-    log0, log1 = (_tail(tmp_path / f"leg2_{i}.log", 10**6) for i in range(2))
+            assert wait(process, log_path) == 0, tail(log_path)
+    log0, log1 = (tail(tmp_path / f"leg2_{i}.log", 10**6) for i in range(2))
     assert f"resumed at step {stopped}" in log0
 
     # Only process 0 writes: one metrics record per step over both legs, no progress lines on 1.
@@ -279,22 +284,23 @@ def test_two_processes_train_as_one_and_resume_after_a_preemption(reference, tmp
     assert _assert_moved_alike(state, expected) == 3
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
-    """kill -9 of process 1 mid-run: process 0 exits non-zero within a bounded time, saying why."""
+    """kill -9 of process 1 mid-run: process 0 exits non-zero, saying why, instead of hanging.
+
+    With a 5 s heartbeat it stops within seconds on an idle machine; the test waits up to
+    DEADLINE_S (a hang fails it), and asserts no wall-clock bound that load could break."""
     workdir = str(tmp_path / "run")
     commands = _two_process_commands(workdir, max_steps=64, heartbeat_s=5)
     with _processes(commands, str(tmp_path), "kill_") as started:
         _wait_for_first_loss(workdir, started)
         (survivor, survivor_log), (victim, _) = started
         victim.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        returncode = _wait(survivor, survivor_log, 90)
-        elapsed = time.monotonic() - killed_at
-    output = _tail(survivor_log, 20000)
+        returncode = wait(survivor, survivor_log)
+    output = tail(survivor_log, 20000)
     assert returncode != 0, output
     # Ours when the failure surfaces in a collective; JAX's when the heartbeat times out first.
     assert re.search(r"one of them died|another task died", output), output
-    assert elapsed < 60, f"the survivor took {elapsed:.0f} s to stop"
 
 
 # ------------------------------------------------------------------------------ mixed precision

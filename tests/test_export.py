@@ -14,6 +14,16 @@ from simco_jax import export, models
 TINY_WIDTH = 4
 
 
+def assert_features_close(actual, expected):
+    """Equal up to float32 rounding. Random weights make activations of ~1e4 whose sums of
+    thousands of terms round differently in torch and XLA, so the error is measured against the
+    features' scale, not per element."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    scale = np.max(np.abs(expected))
+    assert np.max(np.abs(actual - expected)) <= 1e-5 * scale, np.max(np.abs(actual - expected))
+
+
 def random_variables(model, x, seed=0):
     """Variables with the model's structure and distinct random values (no init compile).
 
@@ -346,4 +356,63 @@ def test_torchvision_resnet18_loads_strictly_and_matches_flax(tmp_path):
     with torch.no_grad():
         torch_features = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
     features = model.apply(variables, x, train=False)
-    np.testing.assert_allclose(torch_features.numpy(), features, rtol=1e-4, atol=1e-4)
+    assert_features_close(torch_features.numpy(), features)
+
+
+@pytest.mark.parametrize("width, cifar_stem", [(4, True), (64, True), (8, False)])
+def test_loading_snippet_names_the_constructor_and_widths(width, cifar_stem):
+    shapes = export.torchvision_state_dict_shapes("resnet18", width, cifar_stem)
+    message = export.describe_export("out.safetensors", {k: np.zeros(s) for k, s in shapes.items()})
+    stem = "CIFAR" if cifar_stem else "ImageNet"
+    assert message.startswith(
+        f"wrote 120 tensors to out.safetensors: resnet18 backbone, width {width}, {stem} stem."
+    )
+    assert "model = torchvision.models.resnet18()\n" in message
+    assert message.endswith('state = load_file("out.safetensors")\nmodel.load_state_dict(state)')
+    kernel = "3, 1, 2" if cifar_stem else "7, 2, 3"
+    conv1 = f"model.conv1 = torch.nn.Conv2d(3, {width}, {kernel}, bias=False)"
+    assert (conv1 in message) == (cifar_stem or width != 64)
+    assert ("model.maxpool = torch.nn.Identity()" in message) == cifar_stem
+    if width == 64:  # the stock constructor's widths: nothing rebuilt
+        assert "cannot load it" not in message and "_make_layer" not in message
+    else:
+        rebuilt = (
+            f"has width 64 and cannot load it; this rebuilds its stem and stages at width {width}"
+        )
+        assert rebuilt in message
+        for i in range(4):
+            stride = "" if i == 0 else ", stride=2"
+            layer = f"model.layer{i + 1} = model._make_layer(BasicBlock, {width * 2**i}, 2{stride})"
+            assert layer in message
+
+
+def _run_snippet(message):
+    """Executes the code a message ends with; returns its `model` (and `projector`)."""
+    namespace = {}
+    exec(message.split("\n\n", 1)[1], namespace)  # the message, then a blank line, then the code
+    return namespace
+
+
+@pytest.mark.parametrize("width, include_projector", [(4, False), (64, False), (8, True)])
+def test_printed_snippet_loads_the_export_into_torchvision(width, include_projector, tmp_path):
+    """The code the export prints, run as printed: strict loads, and the Flax features."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    pytest.importorskip("safetensors")
+    model = models.Encoder(width=width, proj_hidden_dim=16, proj_output_dim=8)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    variables = random_variables(model, x, seed=2)
+    path = tmp_path / "encoder.safetensors"
+    tensors = export.export_torch_state_dict(
+        variables["params"], variables["batch_stats"], path, include_projector=include_projector
+    )
+    namespace = _run_snippet(export.describe_export(path, tensors))
+    net = namespace["model"].eval()
+    with torch.no_grad():
+        features = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
+    flax_features, flax_projections = model.apply(variables, x, train=False)
+    assert_features_close(features.numpy(), flax_features)
+    if include_projector:
+        with torch.no_grad():
+            projections = namespace["projector"](features)
+        assert_features_close(projections.numpy(), flax_projections)

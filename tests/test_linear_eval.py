@@ -145,10 +145,19 @@ def test_restore_run_without_a_run_says_so(tmp_path):
         linear_eval.restore_run(str(tmp_path))
 
 
-def test_export_cli_writes_torchvision_names_shapes_and_values(pretrained, tmp_path):
+def test_export_cli_writes_torchvision_names_shapes_and_values(pretrained, tmp_path, capsys):
     workdir, summary = pretrained
     out = tmp_path / "backbone.safetensors"
     export.main([f"--workdir={workdir}", f"--out={out}"])
+    # The smoke run's width 4 cannot load into stock torchvision: the command says so, and prints
+    # the code that does (run by tests/test_export.py).
+    printed = capsys.readouterr().out
+    assert printed.startswith(
+        f"wrote 120 tensors to {out}: resnet18 backbone, width 4, CIFAR stem."
+    )
+    assert "resnet18() has width 64 and cannot load it" in printed
+    assert "model.layer4 = model._make_layer(BasicBlock, 32, 2, stride=2)" in printed
+    assert printed.rstrip().endswith(f'state = load_file("{out}")\nmodel.load_state_dict(state)')
     tensors = export.load_safetensors(out)
     expected = export.torchvision_state_dict_shapes("resnet18", width=4, cifar_stem=True)
     assert list(tensors) == list(expected)

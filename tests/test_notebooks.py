@@ -7,7 +7,7 @@ import sys
 
 import nbformat
 import pytest
-from helpers import REPO, framework_config
+from helpers import DEADLINE_S, REPO, framework_config
 from nbclient import NotebookClient
 
 from simco_jax import train
@@ -54,12 +54,20 @@ def test_notebooks_are_stored_without_outputs():
 
 @pytest.mark.parametrize("name", [os.path.basename(p) for p in NOTEBOOKS])
 def test_notebook_executes(name, kernel_env, checkpoint_run, monkeypatch):
-    monkeypatch.setenv("SIMCO_CHECKPOINT", checkpoint_run)
+    # As the README runs them: paths relative to the repository root, while the kernel runs in
+    # notebooks/ (as under Jupyter), where neither path exists.
+    checkpoint = os.path.relpath(checkpoint_run, REPO)
+    results = os.path.join("notebooks", "example_results")
+    for path in (checkpoint, results):
+        assert not os.path.exists(os.path.join(REPO, "notebooks", path))
+    monkeypatch.setenv("SIMCO_CHECKPOINT", checkpoint)
+    monkeypatch.setenv("SIMCO_SWEEP_RESULTS", results)
     notebook = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
     client = NotebookClient(
         notebook,
         kernel_name="python3",
-        timeout=300,
+        timeout=None,  # no cell deadline: a loaded machine may be slow; a failure raises
+        startup_timeout=int(DEADLINE_S),
         resources={"metadata": {"path": os.path.join(REPO, "notebooks")}},
     )
     client.execute()  # raises CellExecutionError (with the traceback) if any cell fails
@@ -80,3 +88,5 @@ def test_notebook_executes(name, kernel_env, checkpoint_run, monkeypatch):
     if name == "dual_temperature_analysis.ipynb":
         assert "autodiff == scalar x vector" in text
         assert "InfoNCE (dt_m=1): effective fraction" in text  # the checkpoint section ran
+    else:  # the example tables, found through the relative path
+        assert "batch_size: " in text and "rows, columns" in text

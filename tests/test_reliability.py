@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import REPO, framework_config, run_python
+from helpers import DEADLINE_S, REPO, framework_config, run_python
 
 from simco_jax import checkpointing, data, train, writers
 from simco_jax import config as config_lib
@@ -268,7 +268,7 @@ def _launched(args, log_path):
 
 
 def _wait_until(condition, process, log_path, what):
-    deadline = time.monotonic() + LAUNCH_DEADLINE_S
+    deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         if condition():
             return
@@ -276,7 +276,7 @@ def _wait_until(condition, process, log_path, what):
             output = open(log_path).read()[-3000:]
             raise AssertionError(f"exited ({process.returncode}) before {what}:\n{output}")
         time.sleep(0.01)
-    raise AssertionError(f"no {what} within {LAUNCH_DEADLINE_S} s")
+    raise AssertionError(f"no {what} within {DEADLINE_S:.0f} s (SIMCO_TEST_DEADLINE_S)")
 
 
 def test_sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run(reference, tmp_path, caplog):
@@ -289,7 +289,7 @@ def test_sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run(reference
     with _launched(_launch_args(workdir, checkpoint_every_steps=1000), log1) as process:
         _wait_until(lambda: metrics.exists() and metrics.stat().st_size, process, log1, "metrics")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 143
+        assert process.wait(timeout=DEADLINE_S) == 143
     output = log1.read_text()
     assert "fresh start" in output
     reached = int(re.search(r"preempted: saved the checkpoint of step (\d+)/32", output)[1])
