@@ -33,14 +33,14 @@ def main(root, workdir, out, coordinator="", num_processes="0", process_id="-1")
         return decode(file)
 
     streaming.decode_rgb = recording_decode
-    config = framework_config(
-        "simco",
-        **STREAMING,
+    overrides = dict(
         data_path=root,
         max_steps=3,
         log_every_steps=1,
+        knn_every_epochs=0,  # a kNN pass re-reads the training set in another order
         checkpoint_every_steps=1000,
     )
+    config = framework_config("simco", **{**STREAMING, **overrides})
     train.train_and_evaluate(config, workdir)
     records = writers.read_metrics(workdir) if jax.process_index() == 0 else []
     np.savez(

@@ -547,7 +547,8 @@ def test_two_processes_read_only_their_own_files_and_train_as_one(
     results = [_load(tmp_path / f"p{i}.npz") for i in range(2)]
     eight = one_and_eight_devices[8]
     np.testing.assert_allclose(results[0]["losses"], eight["losses"], rtol=RTOL, atol=ATOL)
-    # Each process opened only its own half of every global batch (train and evaluation).
+    # Each process opened only its own half of every global batch (training, then the probe's
+    # evaluation of the validation split; no kNN pass, which reads the training set again).
     # The one exception: the file after the truncated one, opened as its replacement too.
     split, _ = streaming.image_folder_split(os.path.join(folder[0], "train"))
     replacement = split.paths[split.paths.index(folder[1]["truncated"]) + 1]
