@@ -1,4 +1,4 @@
-"""The two-view augmentation of the official CIFAR recipe, on the accelerator, inside jit.
+"""The two-view augmentation of the official (solo-learn) recipe, on the accelerator, inside jit.
 
 The host feeds uint8 batches (B, H, W, 3); every image draws its own parameters from its own key
 (`jax.random.split` of the batch key, then `jax.vmap` of a per-image function). Per view, in the
@@ -24,11 +24,16 @@ them agree with the PIL images the official code feeds them (documented where th
 - Grayscale (RandomGrayscale and the grey image inside contrast/saturation) uses the ITU-R 601-2
   luma 0.299, 0.587, 0.114 of PIL's ``convert("L")`` (torchvision's tensor path uses 0.2989).
 - Everything stays float32; PIL would round to uint8 after each op (and quantise hue to 1/255).
-- Gaussian blur follows the ``GaussianBlur`` class of solo-learn/MoCo v2, i.e. PIL's
-  ``ImageFilter.GaussianBlur(radius=sigma)`` with sigma ~ U(0.1, 2.0) *pixels* of the cropped
-  image: a true Gaussian with standard deviation sigma, truncated at 3·2.0 = 6 pixels (13 taps,
-  negligible mass beyond), edges replicated. BYOL's "kernel 10 % of the image" would be 3 taps at
-  32×32, which cannot represent sigma = 2.
+- Gaussian blur is MoCo v2's ``GaussianBlur`` class (moco/loader.py), which solo-learn's PIL
+  pipeline copies: PIL's ``ImageFilter.GaussianBlur(radius=sigma)``, sigma ~ U(0.1, 2.0) pixels of
+  the cropped image. PIL does not convolve with a Gaussian: it runs three passes of an "extended
+  box" filter per axis (Gwosdek et al., SSVM 2011) whose variance is sigma², edges replicated. We
+  run the same passes in float. We do not take solo-learn's DALI/BYOL variant (a true Gaussian,
+  kernel 23 at 224 px, i.e. 10 % of the image): the MoCo v2 recipe is the PIL one, and its
+  kernel does not depend on the image size, so the same op serves 32 px CIFAR crops.
+- Solarisation is PIL's ``ImageOps.solarize(img, 128)``: uint8 values v ≥ 128 become 255 − v.
+  On floats the threshold is 127.5 / 255 = 0.5, so that x is inverted exactly when PIL, which
+  rounds to uint8 first, would invert round(255·x).
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ import jax.numpy as jnp
 
 # ITU-R 601-2 luma, as PIL's convert("L").
 LUMA = (0.299, 0.587, 0.114)
-# solo-learn's GaussianBlur draws sigma ~ U(0.1, 2.0) pixels; the kernel reaches 3 sigma_max.
+# MoCo v2's GaussianBlur draws sigma ~ U(0.1, 2.0) pixels; PIL blurs with 3 box passes per axis.
 BLUR_SIGMA_RANGE = (0.1, 2.0)
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA_RANGE[1])
+BLUR_PASSES = 3
 # RandomResizedCrop tries this many (scale, ratio) draws before its central-crop fallback.
 CROP_ATTEMPTS = 10
 CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2  # scale and log-ratio per attempt, then top and left
@@ -285,25 +290,47 @@ def adjust_hue(image, shift):
 
 
 def solarize(image, threshold=0.5):
-    """PIL's ImageOps.solarize(img, 128) in [0, 1]: x → 1 − x where x ≥ 0.5."""
+    """PIL's ImageOps.solarize(img, 128) in [0, 1]: x → 1 − x where x ≥ 127.5 / 255 (see top)."""
     return jnp.where(image >= threshold, 1.0 - image, image)
 
 
-def gaussian_blur(image, sigma):
-    """Separable Gaussian blur of a float (H, W, C) image, std `sigma` pixels, edges replicated.
+def box_radius(sigma):
+    """PIL's ``_gaussian_blur_radius``: (l, a) of the extended box whose passes have variance σ².
 
-    The kernel spans ±BLUR_RADIUS pixels whatever sigma is (static shapes under vmap) and is
-    normalised to sum to one.
+    The box has 2l + 1 taps of weight 1 and one of weight a ∈ [0, 1) at each end, all divided by
+    2(l + a) + 1 (Gwosdek et al. 2011, eqs. 7, 11, 14).
     """
-    offsets = jnp.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=jnp.float32)
-    kernel = jnp.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / jnp.sum(kernel)
-    height, width, _ = image.shape
-    size = 2 * BLUR_RADIUS + 1
-    padded = jnp.pad(image, ((BLUR_RADIUS, BLUR_RADIUS), (0, 0), (0, 0)), mode="edge")
-    image = sum(kernel[k] * padded[k : k + height] for k in range(size))
-    padded = jnp.pad(image, ((0, 0), (BLUR_RADIUS, BLUR_RADIUS), (0, 0)), mode="edge")
-    return sum(kernel[k] * padded[:, k : k + width] for k in range(size))
+    sigma2 = sigma * sigma / BLUR_PASSES
+    n = jnp.floor((jnp.sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)  # the paper's l
+    a = (2.0 * n + 1.0) * (n * (n + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (n + 1.0) ** 2))
+    return n, a
+
+
+# The widest box of the sigma range reaches this many pixels from its centre (2 for sigma = 2).
+_BOX_REACH = int((math.sqrt(12.0 * BLUR_SIGMA_RANGE[1] ** 2 / BLUR_PASSES + 1.0) - 1.0) // 2) + 1
+
+
+def gaussian_blur(image, sigma):
+    """PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` of a float (H, W, C) image, in float.
+
+    Three extended-box passes along the width, then three along the height, each replicating the
+    edge pixels, as PIL's ImagingGaussianBlur; PIL would round to uint8 after every pass. One
+    static (2·_BOX_REACH + 1)-tap kernel serves every sigma in BLUR_SIGMA_RANGE (under vmap).
+    """
+    n, a = box_radius(jnp.asarray(sigma, jnp.float32))
+    distance = jnp.abs(jnp.arange(-_BOX_REACH, _BOX_REACH + 1, dtype=jnp.float32))
+    kernel = jnp.where(distance <= n, 1.0, jnp.where(distance == n + 1.0, a, 0.0))
+    kernel = kernel / (2.0 * (n + a) + 1.0)
+    for axis in (1,) * BLUR_PASSES + (0,) * BLUR_PASSES:
+        size = image.shape[axis]
+        pad = [(0, 0)] * image.ndim
+        pad[axis] = (_BOX_REACH, _BOX_REACH)
+        padded = jnp.pad(image, pad, mode="edge")
+        image = sum(
+            kernel[k] * jax.lax.slice_in_dim(padded, k, k + size, axis=axis)
+            for k in range(2 * _BOX_REACH + 1)
+        )
+    return image
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +407,8 @@ def _augment_image(key, image, params: AugmentParams, crop: bool = True):
 
     All of the image's randomness is one vector of uniforms, sliced per op: vmapping one threefry
     call compiles much faster on CPU than a dozen small ones, and draws the same distributions.
+    The vector has the same layout whatever the probabilities, so an op at p = 0 (compiled out)
+    leaves the draws of the others, and hence the CIFAR recipe's views, as they are.
     """
     u = jax.random.uniform(key, (CROP_UNIFORMS + JITTER_UNIFORMS + 6,))
     u_crop, u_jitter = u[:CROP_UNIFORMS], u[CROP_UNIFORMS : CROP_UNIFORMS + JITTER_UNIFORMS]
@@ -395,7 +424,7 @@ def _augment_image(key, image, params: AugmentParams, crop: bool = True):
     image = _maybe(u_jitter_apply, params.color_jitter_prob, jitter, image)
     # 3. RandomGrayscale.
     image = _maybe(u_gray, params.gray_scale_prob, grayscale, image)
-    # 4. Gaussian blur, then solarisation.
+    # 4. Gaussian blur, then solarisation (the order of MoCo v2's and solo-learn's pipelines).
     sigma = BLUR_SIGMA_RANGE[0] + (BLUR_SIGMA_RANGE[1] - BLUR_SIGMA_RANGE[0]) * u_sigma
     image = _maybe(u_blur, params.gaussian_prob, lambda x: gaussian_blur(x, sigma), image)
     image = _maybe(u_solarize, params.solarization_prob, solarize, image)

@@ -39,8 +39,11 @@ RESUMABLE_KEYS = frozenset(
     {
         "max_steps",
         "log_every_steps",
+        "log_every_epochs",
         "checkpoint_every_steps",
+        "checkpoint_every_epochs",
         "keep_checkpoints",
+        "evals",  # which evaluators run, and when
         "eval_every_epochs",
         "knn_every_epochs",
         "knn_k",

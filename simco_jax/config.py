@@ -1,16 +1,25 @@
 """The one configuration schema: defaults, and the checks that run before anything compiles.
 
-Every framework of the paper (Zhang et al., CVPR 2022, arXiv:2203.17248) is a setting of the
-same keys, as in its official code (github.com/ChaoningZhang/Dual-temperature):
+Every framework is a setting of the same keys (`simco_jax.methods` says what each key does); the
+first three are the paper's (Zhang et al., CVPR 2022, arXiv:2203.17248), as in its official code
+(github.com/ChaoningZhang/Dual-temperature):
 
-=================  ==========  =========  =========
-key                MoCo v2     SimMoCo    SimCo
-=================  ==========  =========  =========
-momentum_encoder   True        True       False
-queue_size         65536       0          0
-dt_m               1.0         10.0       10.0
-symmetric          False       False      True
-=================  ==========  =========  =========
+=================  ===========  ===========  ===========  ==============  ===============
+key                MoCo v2      SimMoCo      SimCo        BYOL            SimSiam
+=================  ===========  ===========  ===========  ==============  ===============
+momentum_encoder   True         True         False        True            False
+queue_size         65536        0            0            0               0
+dt_m               1.0          10.0         10.0         (unused)        (unused)
+symmetric          False        False        True         True            True
+loss               contrastive  contrastive  contrastive  normalized_mse  negative_cosine
+predictor          False        False        False        True (4096)     True (512)
+pred_fixed_lr      -            -            -            False           True
+projector          mlp          mlp          mlp          mlp_bn          mlp3_bn
+optimizer          sgd          sgd          sgd          lars            sgd
+=================  ===========  ===========  ===========  ==============  ===============
+
+Periods: every period is `<name>_steps` or `<name>_epochs` (a float), resolved by `period_steps`
+(log_every, checkpoint_every, and each entry of `evals`: every_steps / every_epochs).
 
 Keys carry the official scripts' flag names wherever one exists (``temperature``, ``dt_m``,
 ``queue_size``, ``base_tau_momentum``, ``lr``, ``min_scale`` ...). ``dt_m = 1`` *is* InfoNCE: the
@@ -25,11 +34,17 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import ml_collections
+from ml_collections import config_dict
 
 _DTYPES = ("auto", "float32", "bfloat16")
 _BACKBONES = ("resnet18", "resnet50")
 _LR_SCHEDULE_UNITS = ("epoch", "step")
 _INPUT_MODES = ("auto", "resident", "streaming")
+# The parts of the method seam (tests check them against models, methods and optimizers).
+PROJECTORS = ("mlp", "mlp_bn", "mlp3_bn")
+LOSSES = ("contrastive", "normalized_mse", "negative_cosine")
+OPTIMIZERS = ("sgd", "lars")
+NEGATIVE_FREE_LOSSES = ("normalized_mse", "negative_cosine")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.input_threads = 0  # streaming: host decoding threads per process; 0 = one per CPU core
     c.max_unreadable_fraction = 0.001  # streaming: more unreadable images than this stops the run
     c.data_dir = ""  # tfds data_dir; '' = tfds default.
+    # A text file of class names (WordNet IDs for ImageNet), one a line: only these classes are
+    # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt). '' = every class.
+    c.class_list = ""
     c.tfds_download = True
     c.synthetic_num_train = 512
     c.synthetic_num_test = 128
@@ -60,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.cifar_stem = True
     c.proj_hidden_dim = 128
     c.proj_output_dim = 128
+    c.projector = "mlp"  # 'mlp' (MoCo v2, SimCo) | 'mlp_bn' (BYOL) | 'mlp3_bn' (SimSiam)
+    c.predictor = False  # BYOL/SimSiam: an MLP on the online branch predicts the target
+    c.pred_hidden_dim = 4096  # BYOL 4096, SimSiam 512
+    c.pred_fixed_lr = False  # SimSiam: the predictor keeps the peak lr (no warm-up, no decay)
 
     # The contrastive method: SimCo by default (the table in the module docstring).
     c.momentum_encoder = False
@@ -69,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.temperature = 0.1  # tau_alpha
     c.dt_m = 10.0  # tau_beta / tau_alpha; 1.0 = plain InfoNCE
     c.symmetric = True
+    # 'contrastive' (dual-temperature InfoNCE) | 'normalized_mse' (BYOL) | 'negative_cosine'
+    # (SimSiam); the negative-free losses stop the gradient of online targets.
+    c.loss = "contrastive"
 
     # Per-device semantics of a multi-GPU PyTorch run, for reproducing them (default: global batch).
     c.bn_groups = 1  # BatchNorm statistics over this many equal sub-batches.
@@ -87,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_start_lr = 0.003
     c.min_lr = 0.0
     c.lr_schedule_unit = "epoch"  # the official code steps the schedule once per epoch
+    c.optimizer = "sgd"  # 'sgd' | 'lars' (solo-learn's LARS; see simco_jax/optimizers.py)
+    c.lars_eta = 0.02  # trust coefficient (solo-learn's CIFAR recipes)
+    c.lars_clip_lr = True  # trust ratio capped so that no layer's lr exceeds the global lr
+    c.lars_exclude_bias_n_norm = True  # biases and BN: plain SGD, no weight decay
 
     # Augmentation: the official scripts' CIFAR pipeline, with their flag names.
     c.crop_size = 32
@@ -104,24 +133,89 @@ def base_config() -> ml_collections.ConfigDict:
     c.mean = (0.4914, 0.4822, 0.4465)
     c.std = (0.247, 0.243, 0.261)
 
-    # Evaluation: online probe every `eval_every_epochs`, plus a cosine kNN on clean features.
+    # Evaluation (as big_vision's config.evals): name -> type and period. A type is a built-in
+    # ('probe': the online probe's top-1/5 on the test set; 'knn': a cosine kNN on clean
+    # features) or an importable module path whose module defines `Evaluator` (see
+    # simco_jax/evaluate.py). Each entry's period is every_steps or every_epochs; the built-ins
+    # without one use eval_every_epochs / knn_every_epochs. A period <= 0 disables an entry.
+    # Every entry also runs after the last step. Metrics are written as <name>_<metric>.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.probe = _eval_entry("probe")
+    c.evals.knn = _eval_entry("knn")
     c.eval_every_epochs = 1
+    c.knn_every_epochs = 10  # 0 disables the kNN monitor
     c.knn_k = 200
     c.knn_temperature = 0.1
-    c.knn_every_epochs = 10  # 0 disables the kNN monitor
+    c.knn_bank_dtype = "float32"  # or 'bfloat16': half the memory of the sharded feature bank
     c.eval_batch_size = 1024
 
     # Runtime.
     c.seed = 15
     c.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
+    # Memory of one accelerator in GiB, for the check before compiling (simco_jax.memory);
+    # 0 = what JAX reports for the device (no check where it reports nothing, e.g. on CPU).
+    c.device_memory_gb = 0.0
     c.steps_per_dispatch = 8  # train steps fused into one jitted lax.scan
-    c.log_every_steps = 50
-    c.checkpoint_every_steps = 1000  # plus one at the end and one on SIGTERM
+    c.log_every_steps = 50  # or log_every_epochs
+    c.log_every_epochs = config_dict.placeholder(float)
+    c.checkpoint_every_steps = 1000  # or checkpoint_every_epochs; plus the end and on SIGTERM
+    c.checkpoint_every_epochs = config_dict.placeholder(float)
     c.keep_checkpoints = 3
     c.max_steps = (
         -1
     )  # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs
     return c
+
+
+def _eval_entry(kind: str, **extra) -> ml_collections.ConfigDict:
+    """One `evals` entry: its type and its period (unset: the type's default period)."""
+    entry = ml_collections.ConfigDict(
+        dict(
+            type=kind,
+            every_steps=config_dict.placeholder(int),
+            every_epochs=config_dict.placeholder(float),
+        )
+    )
+    entry.update(extra)
+    return entry
+
+
+# The period of a built-in evaluator whose entry gives none (the keys of earlier releases).
+DEFAULT_EVAL_PERIODS = {"probe": "eval_every_epochs", "knn": "knn_every_epochs"}
+
+
+def period_steps(config, name: str, steps_per_epoch: int, *, default_epochs=None) -> int:
+    """The period `<name>_steps` or `<name>_epochs` of `config`, in steps; <= 0 means never.
+
+    The one place where a duration's unit is resolved: an epoch count (a float: 0.5 is half an
+    epoch) becomes round(epochs · steps_per_epoch) steps, at least 1. A `_epochs` value replaces
+    a top-level `_steps` value left at its default (so --config.log_every_epochs=1 just works);
+    any other pair of both spellings is an error. Neither set: `default_epochs`, else never.
+    """
+    steps, epochs = config.get(f"{name}_steps"), config.get(f"{name}_epochs")
+    if epochs is not None:
+        # Top-level periods (this config holds `evals`) have a default in steps.
+        default_steps = base_config().get(f"{name}_steps") if "evals" in config else None
+        if steps is not None and steps != default_steps:
+            raise ConfigError(
+                f"{name}_steps={steps} and {name}_epochs={epochs} are both set; set only one"
+            )
+        return max(round(epochs * steps_per_epoch), 1) if epochs > 0 else 0
+    if steps is not None:
+        return steps
+    if default_epochs is None:
+        return 0
+    return max(round(default_epochs * steps_per_epoch), 1) if default_epochs > 0 else 0
+
+
+def eval_periods(config, steps_per_epoch: int) -> dict:
+    """{eval name: period in steps} for every entry of config.evals (<= 0: disabled)."""
+    periods = {}
+    for name, entry in config.evals.items():
+        default = DEFAULT_EVAL_PERIODS.get(entry.type)
+        default_epochs = config[default] if default else None
+        periods[name] = period_steps(entry, "every", steps_per_epoch, default_epochs=default_epochs)
+    return periods
 
 
 def smoke_overrides() -> dict:
@@ -135,6 +229,7 @@ def smoke_overrides() -> dict:
         backbone_width=4,
         proj_hidden_dim=16,
         proj_output_dim=16,
+        pred_hidden_dim=16,
         batch_size=32,
         max_epochs=2,
         warmup_epochs=1,
@@ -157,6 +252,85 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
             config.dataset = variant
         else:
             raise ValueError(f"unknown config variant {variant!r}; known: smoke, cifar10, cifar100")
+    return config
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_overrides() -> dict:
+    """MoCo v2's ImageNet recipe (Chen et al. 2020; facebookresearch/moco main_moco.py with
+    --mlp --aug-plus --cos): ResNet-50, SGD 0.03·B/256, wd 1e-4, cosine over 200 epochs without
+    warm-up, projector 2048→2048→128, key momentum 0.999, its augmentation at 224 px."""
+    return dict(
+        dataset="imagenet2012",
+        tfds_download=False,  # tfds cannot download ImageNet: it needs the manual tars
+        backbone="resnet50",
+        backbone_width=64,
+        cifar_stem=False,  # 7×7 stride-2 conv and 3×3 max-pool
+        proj_hidden_dim=2048,
+        proj_output_dim=128,
+        base_tau_momentum=0.999,
+        final_tau_momentum=0.999,
+        batch_size=256,
+        max_epochs=200,
+        lr=0.03,
+        scale_lr=True,
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_epochs=0,
+        crop_size=224,
+        min_scale=0.2,
+        max_scale=1.0,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        color_jitter_prob=0.8,
+        gray_scale_prob=0.2,
+        gaussian_prob=0.5,
+        solarization_prob=0.0,
+        horizontal_flip_prob=0.5,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        eval_batch_size=1024,
+        knn_every_epochs=10,
+        knn_k=200,
+    )
+
+
+def imagenet_smoke_overrides() -> dict:
+    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU."""
+    return dict(
+        dataset="imagefolder",
+        backbone="resnet18",
+        backbone_width=4,
+        crop_size=32,
+        proj_hidden_dim=16,
+        proj_output_dim=16,
+        batch_size=32,
+        max_epochs=2,
+        steps_per_dispatch=2,
+        log_every_steps=2,
+        checkpoint_every_steps=8,
+        knn_every_epochs=1,
+        knn_k=10,
+        eval_batch_size=64,
+        dtype="float32",
+    )
+
+
+def apply_imagenet_variant(config: ml_collections.ConfigDict, arg: str | None, class_list: str):
+    """ImageNet `get_config(arg)` variants, comma-separated: 'imagenet100' (the 100 classes of
+    CMC and solo-learn, listed in `class_list`), 'smoke' (tiny network, an image folder)."""
+    for variant in filter(None, (arg or "").split(",")):
+        if variant == "imagenet100":
+            config.class_list = class_list
+        elif variant == "smoke":
+            config.update(imagenet_smoke_overrides())
+        else:
+            raise ValueError(f"unknown config variant {variant!r}; known: imagenet100, smoke")
     return config
 
 
@@ -219,6 +393,20 @@ NAME = Domain(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty str
 PROBABILITY = real(0.0, 1.0)
 POSITIVE = real(0.0, open_lo=True)
 COUNT = integer(1)
+# A period in epochs (a float: 0.5 is half an epoch), or None where the `_steps` spelling is used.
+EPOCHS_OR_NONE = Domain(lambda v: v is None or POSITIVE.accepts(v), "None or a finite number > 0")
+
+
+def _is_evals(v) -> bool:
+    """{name: entry with a string `type`} (entries may hold more keys for their evaluator)."""
+    mappings = (dict, ml_collections.ConfigDict)
+    return isinstance(v, mappings) and all(
+        isinstance(e, mappings) and isinstance(e.get("type"), str) and e.get("type")
+        for e in v.values()
+    )
+
+
+EVALS = Domain(_is_evals, "a mapping of names to entries with a 'type' (see config.evals)")
 # Learning rates: > 0 and at most 100. The recipes use 0.03 (linearly scaled to 7.7 at batch
 # 65,536) and 0.3 for the probe; above 100 an SGD step, not the data, sets the weights (a
 # probe lr of 1e30 gave a loss of 3.5e31 that stayed finite): a typo, not an experiment.
@@ -231,6 +419,7 @@ DOMAINS: dict[str, Domain] = {
     "dataset": NAME,
     "data_path": TEXT,
     "data_dir": TEXT,
+    "class_list": TEXT,
     "tfds_download": BOOL,
     "input_mode": one_of(*_INPUT_MODES),
     "input_threads": integer(0, 4096),
@@ -245,6 +434,10 @@ DOMAINS: dict[str, Domain] = {
     "cifar_stem": BOOL,
     "proj_hidden_dim": integer(1, 65_536),
     "proj_output_dim": integer(1, 65_536),
+    "projector": one_of(*PROJECTORS),
+    "predictor": BOOL,
+    "pred_hidden_dim": integer(1, 65_536),
+    "pred_fixed_lr": BOOL,
     # The contrastive method.
     "momentum_encoder": BOOL,
     "base_tau_momentum": PROBABILITY,
@@ -253,6 +446,7 @@ DOMAINS: dict[str, Domain] = {
     "temperature": POSITIVE,
     "dt_m": POSITIVE,
     "symmetric": BOOL,
+    "loss": one_of(*LOSSES),
     "bn_groups": COUNT,
     "shuffle_bn": BOOL,
     "negative_groups": COUNT,
@@ -268,6 +462,10 @@ DOMAINS: dict[str, Domain] = {
     "warmup_start_lr": real(0.0, 100.0),
     "min_lr": real(0.0, 100.0),
     "lr_schedule_unit": one_of(*_LR_SCHEDULE_UNITS),
+    "optimizer": one_of(*OPTIMIZERS),
+    "lars_eta": real(0.0, 1.0, open_lo=True),
+    "lars_clip_lr": BOOL,
+    "lars_exclude_bias_n_norm": BOOL,
     # Augmentation (torchvision's domains).
     "crop_size": integer(1, 4096),
     "min_scale": real(0.0, 1.0, open_lo=True),
@@ -284,18 +482,23 @@ DOMAINS: dict[str, Domain] = {
     "mean": rgb(real(0.0, 1.0)),
     "std": rgb(POSITIVE),
     # Evaluation.
+    "evals": EVALS,
     "eval_every_epochs": COUNT,
     "knn_k": COUNT,
     "knn_temperature": KNN_TEMPERATURE,
     "knn_every_epochs": integer(0),
     "eval_batch_size": integer(1, 2**20),
+    "knn_bank_dtype": one_of("float32", "bfloat16"),
     # Runtime.
     "seed": integer(0, 2**31 - 1),
     "dtype": one_of(*_DTYPES),
     "steps_per_dispatch": integer(1, 100_000),
     "log_every_steps": COUNT,
+    "log_every_epochs": EPOCHS_OR_NONE,
     "checkpoint_every_steps": COUNT,
+    "checkpoint_every_epochs": EPOCHS_OR_NONE,
     "keep_checkpoints": COUNT,
+    "device_memory_gb": real(0.0),  # 0 = ask JAX
     "max_steps": Domain(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or >= 1"),
 }
 
@@ -340,6 +543,33 @@ def _cross_key_errors(c, num_devices):
         yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
     if c.dataset == "imagefolder" and c.input_mode == "resident":
         yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
+    yield from _method_and_period_errors(c)
+
+
+def _method_and_period_errors(c):
+    """The method seam's constraints (simco_jax/methods.py), the evaluators and the periods."""
+    if c.loss in NEGATIVE_FREE_LOSSES:
+        if c.queue_size:
+            yield f"loss={c.loss!r} uses no negatives; set queue_size=0"
+        if c.negative_groups != 1:
+            yield f"loss={c.loss!r} uses no negatives; set negative_groups=1"
+    from simco_jax import evaluate  # noqa: PLC0415 - imports jax; config itself stays light
+
+    for name, entry in c.evals.items():
+        try:
+            evaluate.evaluator_class(entry.type)
+        except (ImportError, AttributeError) as error:
+            yield (
+                f"evals.{name}.type={entry.type!r} is neither a built-in evaluator "
+                f"{sorted(evaluate.EVALUATORS)} nor an importable module with an Evaluator class "
+                f"({type(error).__name__}: {error})"
+            )
+    periods = [(f"evals.{name}.", entry, "every") for name, entry in c.evals.items()]
+    for prefix, node, name in [*periods, ("", c, "log_every"), ("", c, "checkpoint_every")]:
+        try:
+            period_steps(node, name, 1)  # both spellings given: refused here
+        except ConfigError as error:
+            yield f"{prefix}{error}"
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
@@ -351,6 +581,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known.keys())}")
     for key, domain in DOMAINS.items():
         if key in config and not domain.accepts(config[key]):
-            raise ConfigError(f"{key} must be {domain.text}, got {config[key]!r}")
+            value = config[key]
+            if isinstance(value, ml_collections.ConfigDict):  # one line, not its YAML
+                value = value.to_dict()
+            raise ConfigError(f"{key} must be {domain.text}, got {value!r}")
     for message in _cross_key_errors(config, num_devices):
         raise ConfigError(message)

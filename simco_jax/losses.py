@@ -39,7 +39,13 @@ weight implies (see `_weighted_cross_entropy`).
 import jax
 import jax.numpy as jnp
 
-__all__ = ["anchor_statistics", "dual_temperature_infonce", "infonce"]
+__all__ = [
+    "anchor_statistics",
+    "dual_temperature_infonce",
+    "infonce",
+    "negative_cosine",
+    "normalized_mse",
+]
 
 
 def infonce(query, key, queue=None, *, temperature=0.1, negative_groups=1):
@@ -100,6 +106,33 @@ def anchor_statistics(query, key, queue=None, *, temperature=0.1, dt_m=10.0, neg
         "grad_scale": jax.nn.sigmoid(z_beta) / temperature,
         "neg_mass_alpha": jax.nn.sigmoid(z_alpha),
     }
+
+
+def normalized_mse(prediction, target):
+    """BYOL's loss (Grill et al. 2020, eq. 2): mean_i ‖p̄_i − z̄_i‖² = mean_i (2 − 2·cos(p_i, z_i)).
+
+    p̄, z̄ are the L2-normalised rows. No negatives: each anchor is pulled towards its target with
+    the same strength, ∂L/∂cos_i = −2/B. The target carries gradient unless the caller stops it.
+    """
+    return jnp.mean(2.0 - 2.0 * _cosine(prediction, target))
+
+
+def negative_cosine(prediction, target):
+    """SimSiam's loss (Chen & He 2021, eq. 1): D(p, z) = −mean_i cos(p_i, z_i).
+
+    ∂L/∂cos_i = −1/B for every anchor. The target carries gradient unless the caller stops it
+    (SimSiam's stop-gradient).
+    """
+    return -jnp.mean(_cosine(prediction, target))
+
+
+def _cosine(a, b):
+    """Row-wise cosine similarity in at least float32, as torch's F.normalize (eps 1e-12)."""
+    dtype = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    a, b = a.astype(dtype), b.astype(dtype)
+    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return jnp.sum(a * b, axis=-1)
 
 
 def _similarities(query, key, queue, negative_groups):

@@ -80,7 +80,7 @@ def _conv(features, kernel, stride, padding, dtype, name, kernel_init=torch_kaim
     )
 
 
-def _batch_norm(train: bool, dtype, name):
+def _batch_norm(train: bool, dtype, name, affine: bool = True):
     # Flax computes the batch statistics in float32 even when dtype is bfloat16/float16
     # (force_float32_reductions) and keeps the running statistics in float32.
     return nn.BatchNorm(
@@ -89,6 +89,22 @@ def _batch_norm(train: bool, dtype, name):
         epsilon=1e-5,
         dtype=dtype,
         param_dtype=jnp.float32,
+        use_scale=affine,
+        use_bias=affine,
+        name=name,
+    )
+
+
+def _dense(features: int, fan_in: int, dtype: Dtype, name: str, *, use_bias: bool) -> nn.Dense:
+    """torch.nn.Linear(fan_in, features, bias=use_bias)."""
+    if use_bias:
+        return torch_linear(features, fan_in, dtype, name)
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_kernel_init,
         name=name,
     )
 
@@ -229,28 +245,70 @@ def make_backbone(
     )
 
 
-class Projector(nn.Module):
-    """Linear → ReLU → Linear (no BatchNorm), PyTorch init; float32 output.
+PROJECTORS = ("mlp", "mlp_bn", "mlp3_bn")
 
-    Sub-modules `hidden` and `output` are solo-learn's `projector.0` and `projector.2`.
+
+class Projector(nn.Module):
+    """The projection head, PyTorch init; float32 output. `kind` picks the paper's head:
+
+    - 'mlp': Linear → ReLU → Linear, no BatchNorm (MoCo v2, SimCo; solo-learn's `projector.0`
+      and `projector.2` are `hidden` and `output`).
+    - 'mlp_bn': Linear → BN → ReLU → Linear (BYOL, Grill et al. 2020, §3.3).
+    - 'mlp3_bn': [Linear (no bias) → BN → ReLU] × 2 → Linear (no bias) → BN without affine
+      (SimSiam, Chen & He 2021, §4.1; solo-learn freezes that Linear's bias, which the BN cancels).
     """
 
     hidden_dim: int
     output_dim: int
     dtype: Dtype = jnp.float32
+    kind: str = "mlp"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = True):
         x = jnp.asarray(x, self.dtype)
-        x = torch_linear(self.hidden_dim, x.shape[-1], self.dtype, "hidden")(x)
-        x = torch_linear(self.output_dim, self.hidden_dim, self.dtype, "output")(nn.relu(x))
+        if self.kind not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.kind!r}; allowed: {PROJECTORS}")
+        if self.kind == "mlp":
+            x = torch_linear(self.hidden_dim, x.shape[-1], self.dtype, "hidden")(x)
+            x = torch_linear(self.output_dim, self.hidden_dim, self.dtype, "output")(nn.relu(x))
+            return x.astype(jnp.float32)
+        hidden = ("hidden",) if self.kind == "mlp_bn" else ("hidden", "hidden2")
+        bias = self.kind == "mlp_bn"
+        for name in hidden:
+            x = _dense(self.hidden_dim, x.shape[-1], self.dtype, name, use_bias=bias)(x)
+            x = nn.relu(_batch_norm(train, self.dtype, f"{name}_bn")(x))
+        x = _dense(self.output_dim, self.hidden_dim, self.dtype, "output", use_bias=bias)(x)
+        if self.kind == "mlp3_bn":
+            x = _batch_norm(train, self.dtype, "output_bn", affine=False)(x)
+        return x.astype(jnp.float32)
+
+
+class Predictor(nn.Module):
+    """BYOL's/SimSiam's predictor on the online branch: Linear → BN → ReLU → Linear.
+
+    BYOL (Grill et al. 2020, §3.3) and SimSiam (Chen & He 2021, §4.1) use the same shape: a
+    hidden layer of `hidden_dim` (BYOL 4096, SimSiam 512) back to the projection size. (SimSiam's
+    first Linear has no bias; the BatchNorm after it cancels one in training.)
+    """
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        output_dim = x.shape[-1]
+        x = torch_linear(self.hidden_dim, output_dim, self.dtype, "hidden")(x)
+        x = nn.relu(_batch_norm(train, self.dtype, "hidden_bn")(x))
+        x = torch_linear(output_dim, self.hidden_dim, self.dtype, "output")(x)
         return x.astype(jnp.float32)
 
 
 class Encoder(nn.Module):
-    """Backbone + projector: `(features, projections)`, projections NOT normalised.
+    """Backbone + projector (+ predictor): `(features, projections[, predictions])`.
 
-    Parameters live under `backbone` and `projector` (solo-learn's attribute names).
+    Projections and predictions are NOT normalised. Parameters live under `backbone`,
+    `projector` and, when `pred_hidden_dim` > 0 and `predict` is asked for, `predictor`
+    (solo-learn's attribute names).
     """
 
     backbone_name: str = "resnet18"
@@ -260,9 +318,11 @@ class Encoder(nn.Module):
     proj_output_dim: int = 128
     dtype: Dtype = jnp.float32
     stage_sizes: Sequence[int] | None = None
+    projector: str = "mlp"
+    pred_hidden_dim: int = 0  # 0: no predictor
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, predict: bool = False):
         features = make_backbone(
             self.backbone_name,
             width=self.width,
@@ -272,9 +332,16 @@ class Encoder(nn.Module):
             name="backbone",
         )(x, train)
         projections = Projector(
-            self.proj_hidden_dim, self.proj_output_dim, self.dtype, name="projector"
-        )(features)
-        return features, projections
+            self.proj_hidden_dim, self.proj_output_dim, self.dtype, self.projector, name="projector"
+        )(features, train)
+        if not predict:
+            return features, projections
+        if not self.pred_hidden_dim:
+            raise ValueError("predict=True needs an Encoder with pred_hidden_dim > 0")
+        predictions = Predictor(self.pred_hidden_dim, self.dtype, name="predictor")(
+            projections, train
+        )
+        return features, projections, predictions
 
 
 class LinearProbe(nn.Module):
@@ -290,7 +357,7 @@ class LinearProbe(nn.Module):
 
 def create_encoder(config, dtype: Dtype = jnp.float32) -> Encoder:
     """Encoder from config keys backbone, backbone_width, cifar_stem, proj_hidden_dim,
-    proj_output_dim."""
+    proj_output_dim, projector, predictor and pred_hidden_dim."""
     backbone = config["backbone"]
     _check_backbone(backbone)
     return Encoder(
@@ -300,6 +367,8 @@ def create_encoder(config, dtype: Dtype = jnp.float32) -> Encoder:
         proj_hidden_dim=config["proj_hidden_dim"],
         proj_output_dim=config["proj_output_dim"],
         dtype=dtype,
+        projector=config.get("projector", "mlp"),
+        pred_hidden_dim=config["pred_hidden_dim"] if config.get("predictor", False) else 0,
     )
 
 

@@ -24,6 +24,8 @@ from rich import progress as rich_progress
 from rich import table as rich_table
 from rich import text as rich_text
 
+from simco_jax import config as config_lib
+
 log = logging.getLogger(__name__)
 
 PLAIN_INTERVAL_S = 10.0  # plain mode: at most one line per this many seconds between milestones
@@ -235,15 +237,12 @@ class EvalProgress:
             self.task.close()
 
 
-def eval_steps(total_steps: int, steps_per_epoch: int, every_epochs: int) -> list[int]:
-    """The steps after which the trainer evaluates: every `every_epochs` epochs and the last step
-    (none if `every_epochs` is 0)."""
-    if every_epochs <= 0:
+def eval_steps(total_steps: int, period: int) -> list[int]:
+    """The steps after which the trainer runs an evaluator of `period` steps: every `period`
+    steps and the last step (none if `period` <= 0, the evaluator is off)."""
+    if period <= 0:
         return []
-    epochs = range(every_epochs, total_steps // steps_per_epoch + 1, every_epochs)
-    return sorted(
-        {e * steps_per_epoch for e in epochs if e * steps_per_epoch < total_steps} | {total_steps}
-    )
+    return sorted(set(range(period, total_steps, period)) | {total_steps})
 
 
 class TrainProgress:
@@ -273,11 +272,13 @@ class TrainProgress:
         self.batch_size, self.max_epochs = config.batch_size, config.max_epochs
         self.enabled, self.clock = enabled, clock
         self.rate = Rate(clock)
-        probe = eval_steps(total_steps, steps_per_epoch, config.eval_every_epochs)
-        knn = eval_steps(total_steps, steps_per_epoch, config.knn_every_epochs)
-        # The trainer runs the kNN only at a probe evaluation.
-        self.eval_steps = {"probe": probe, "kNN": sorted(set(knn) & set(probe))}
-        self.eval_images = {"probe": num_test, "kNN": num_train + num_test}
+        periods = config_lib.eval_periods(config, steps_per_epoch)  # config.evals, in steps
+        self.eval_steps = {name: eval_steps(total_steps, p) for name, p in periods.items()}
+        # The images an evaluation encodes: the test set; a kNN also the training set.
+        self.eval_images = {
+            name: num_test + (num_train if config.evals[name].type == "knn" else 0)
+            for name in periods
+        }
         self.eval_s = {}  # kind -> seconds of its last run, compile left out
         self.evaluated_at = {}  # kind -> step of its last run
         self.metrics = {}  # the last logged metrics

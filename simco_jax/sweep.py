@@ -6,7 +6,8 @@ A sweep file defines `get_sweep(variant=None)` returning a dict:
 
     base:      a config file (e.g. "configs/simco_cifar.py"), loaded with get_config(variant)
     grid:      {config key: [values]}; the special key `framework` ('simco' | 'simmoco' |
-               'mocov2') picks configs/<framework>_cifar.py for that point instead of `base`
+               'mocov2' | 'byol' | 'simsiam') picks configs/<framework>_cifar.py for that point
+               instead of `base`
     overrides: optional {key: value} applied to every point before the grid values
     tied:      optional {key: other key}: key takes other key's value (e.g. a constant momentum:
                final_tau_momentum follows base_tau_momentum)

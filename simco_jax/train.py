@@ -16,7 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simco_jax import checkpointing, evaluate, inputs, parallel, progress, train_step, writers
+from simco_jax import (
+    checkpointing,
+    evaluate,
+    inputs,
+    memory,
+    parallel,
+    progress,
+    train_step,
+    writers,
+)
 from simco_jax import config as config_lib
 from simco_jax import workdir as workdir_lib
 
@@ -140,6 +149,8 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     # ---------------------------------------------------------------- mesh and inputs
     mesh = parallel.make_mesh()
     data = inputs.create(config, mesh)  # resident arrays or a per-process stream: see `inputs`
+    # An analytic estimate: a batch too large for the device fails here, not after compiling.
+    memory.check_fits(config, data.num_classes, jax.device_count())
     steps_per_epoch = data.num_train // config.batch_size
     total_steps = _total_steps(config, steps_per_epoch)
 
@@ -199,8 +210,18 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    evaluator = evaluate.Evaluator(config, comps.model, comps.probe, data, mesh)
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
+
+    # ---------------------------------------------------------------- evaluators and periods
+    eval_data = evaluate.Evaluator(config, comps.model, comps.probe, data, mesh)
+    context = evaluate.Context(config, comps, data, mesh, eval_data)
+    evaluators = evaluate.make_evaluators(config, context)
+    eval_every = config_lib.eval_periods(config, steps_per_epoch)  # name -> steps (<= 0: never)
+    log_every = config_lib.period_steps(config, "log_every", steps_per_epoch)
+    checkpoint_every = config_lib.period_steps(config, "checkpoint_every", steps_per_epoch)
+
+    def next_multiple(step, period):
+        return (step // period + 1) * period
 
     # ---------------------------------------------------------------- train loop
     writer = writers.MetricWriter(workdir, enabled=main, resume_step=start_step)
@@ -255,11 +276,13 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
 
     try:
         while step < total_steps:
-            next_epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
-            next_checkpoint = (
-                step // config.checkpoint_every_steps + 1
-            ) * config.checkpoint_every_steps
-            stop_at = min(next_epoch_end, next_checkpoint, total_steps)
+            # A chunk ends where the host has work: an epoch end, a checkpoint, an evaluation.
+            periods = [
+                steps_per_epoch,
+                checkpoint_every,
+                *(p for p in eval_every.values() if p > 0),
+            ]
+            stop_at = min(total_steps, *(next_multiple(step, p) for p in periods))
             state, metrics = chunk(state, data.train.batches(step), np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
@@ -269,7 +292,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
             in_flight = (step, metrics)
 
             epoch_done = step % steps_per_epoch == 0 or step == total_steps
-            if step // config.log_every_steps > last_log // config.log_every_steps or epoch_done:
+            if step // log_every > last_log // log_every or epoch_done:
                 means = drain_metrics(step)
                 display.advance(step, means, line=epoch_done)
                 in_flight = None
@@ -278,20 +301,20 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
                 last_log = step
                 summary.update(means)
 
-            epoch = step // steps_per_epoch
             final = step == total_steps
-            if epoch_done and (epoch % config.eval_every_epochs == 0 or final):
-                with display.evaluation("probe") as report:
-                    results = evaluator.probe_accuracy(state, report)
-                knn_every = config.knn_every_epochs
-                if knn_every > 0 and (epoch % knn_every == 0 or final):
-                    with display.evaluation("kNN") as report:
-                        results.update(evaluator.knn_accuracy(state, report))
+            results = {}
+            for name, evaluator in evaluators.items():
+                period = eval_every[name]
+                if period > 0 and (step % period == 0 or final):
+                    with display.evaluation(name) as report:
+                        values = evaluator.run(state, report)
+                    results.update({f"{name}_{k}": v for k, v in values.items()})
+            if results:
                 writer.write(step, results)
                 summary.update(results)
                 if main:
-                    log.info("eval at epoch %d: %s", epoch, json.dumps(results))
-            if step % config.checkpoint_every_steps == 0 or final:
+                    log.info("eval at epoch %g: %s", step / steps_per_epoch, json.dumps(results))
+            if step % checkpoint_every == 0 or final:
                 with display.paused():
                     save(step)
             # Multi-host: SIGTERM may reach the processes at different steps, and all must stop

@@ -1,12 +1,12 @@
 """The pure training step of every framework, and the scan that fuses several of them.
 
-One function serves MoCo v2, SimMoCo, SimCo and any mix of their parts; the config decides:
+One function serves MoCo v2, SimMoCo, SimCo, BYOL, SimSiam and any mix of their parts. What a
+framework contributes (targets, negatives, loss, EMA, queue) is a `methods.Method` chosen from the
+config; the step below calls it in order and has no framework branches:
 
     two views ──► online encoder (a separate pass per view: per-view BatchNorm statistics)
-               └► keys: momentum encoder (stop-gradient)  |  the online projections (with gradient)
-    negatives: the queue (K past keys)  |  the other keys of the batch (diagonal removed)
-    loss:      InfoNCE (dt_m = 1)  |  dual temperature;  one way (q1·k2)  |  symmetric
-    then: online probe on stop-gradient features → SGD → EMA of params → enqueue the keys.
+    targets ◄── momentum encoder | online projections;   negatives ◄── queue | batch | none
+    loss(queries, targets, negatives) → optimizer (SGD | LARS) → online probe → EMA, enqueue
 
 Everything random is drawn from `fold_in(state.rng, state.step)`, and the data order from
 `fold_in(state.rng, epoch)`, so a resumed run repeats an uninterrupted one exactly.
@@ -21,9 +21,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from simco_jax import augment, losses, models, schedules
+from simco_jax import augment, methods, models, optimizers, schedules
 
 _DATA_STREAM, _STEP_STREAM, _INIT_STREAM = 0, 1, 2
+
+# The forward pass and MoCo's parts live in `methods`; these names stay importable from here.
+encode = methods.encode
+shuffled_encode = methods.shuffled_encode
+enqueue = methods.enqueue
 
 
 @flax.struct.dataclass
@@ -31,7 +36,7 @@ class TrainState:
     """Everything a restart needs, as one pytree."""
 
     step: jax.Array
-    params: Any
+    params: Any  # online backbone, projector and (BYOL/SimSiam) predictor
     batch_stats: Any
     opt_state: Any
     momentum_params: Any  # None without a momentum encoder
@@ -54,6 +59,7 @@ class Components(NamedTuple):
     aug: augment.AugmentParams
     steps_per_epoch: int
     total_steps: int  # of the whole schedule (max_epochs), for lr and momentum schedules
+    method: methods.Method
 
 
 def resolve_dtype(name: str):
@@ -79,22 +85,20 @@ def build_components(config, num_classes: int, steps_per_epoch: int) -> Componen
         return schedule
 
     lr = schedules.scaled_lr(config.lr, config.batch_size) if config.scale_lr else config.lr
-    # Coupled weight decay (g + wd·θ, as torch.optim.SGD) on every encoder/projector parameter.
-    tx = optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(lr_schedule(lr), momentum=config.momentum),
-    )
     # The probe shares the schedule's shape (and absolute warm-up start), has no weight decay.
     probe_tx = optax.sgd(lr_schedule(config.classifier_lr), momentum=config.momentum)
+    model = models.create_encoder(config, dtype=resolve_dtype(config.dtype))
+    total_steps = config.max_epochs * steps_per_epoch
     return Components(
-        model=models.create_encoder(config, dtype=resolve_dtype(config.dtype)),
+        model=model,
         probe=models.LinearProbe(num_classes),
-        tx=tx,
+        tx=optimizers.make_optimizer(config, lr_schedule(lr), lr),
         probe_tx=probe_tx,
         lr_schedule=lr_schedule(lr),
         aug=augment.AugmentParams.from_config(config),
         steps_per_epoch=steps_per_epoch,
-        total_steps=config.max_epochs * steps_per_epoch,
+        total_steps=total_steps,
+        method=methods.make_method(config, model, total_steps),
     )
 
 
@@ -102,129 +106,50 @@ def create_train_state(config, comps: Components, image_shape) -> TrainState:
     """Initial state; pure in the seed. `image_shape` is (H, W, C) of the stored images."""
     rng = jax.random.PRNGKey(config.seed)
     init_rng = jax.random.fold_in(rng, _INIT_STREAM)
-    model_rng, probe_rng, queue_rng = jax.random.split(init_rng, 3)
+    model_rng, probe_rng, method_rng = jax.random.split(init_rng, 3)
     dummy = jnp.zeros((2, config.crop_size, config.crop_size, image_shape[-1]), jnp.float32)
-    variables = comps.model.init(model_rng, dummy, train=False)
+    predict = bool(comps.model.pred_hidden_dim)  # creates the predictor's variables too
+    variables = comps.model.init(model_rng, dummy, train=False, predict=predict)
     params, batch_stats = variables["params"], variables["batch_stats"]
-    features, _ = comps.model.apply(variables, dummy, train=False)
+    features = comps.model.apply(variables, dummy, train=False)[0]
     probe_params = comps.probe.init(probe_rng, features)["params"]
-
-    queue = None  # in-batch negatives need no queue
-    if config.queue_size:  # MoCo's queue starts as random unit vectors
-        queue = jax.random.normal(queue_rng, (config.queue_size, config.proj_output_dim))
-        queue = queue / jnp.linalg.norm(queue, axis=-1, keepdims=True).clip(1e-12)
-    copy = lambda tree: jax.tree.map(jnp.array, tree)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=comps.tx.init(params),
-        momentum_params=copy(params) if config.momentum_encoder else None,
-        momentum_batch_stats=copy(batch_stats) if config.momentum_encoder else None,
-        queue=queue,
-        queue_ptr=jnp.zeros((), jnp.int32),
         probe_params=probe_params,
         probe_opt_state=comps.probe_tx.init(probe_params),
         rng=rng,
+        **comps.method.init_state(method_rng, params, batch_stats),
     )
-
-
-def _l2_normalize(x):
-    x = x.astype(jnp.float32)
-    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-
-
-def encode(model, params, batch_stats, images, *, groups: int = 1, train: bool = True):
-    """One forward pass in train mode; BatchNorm statistics over `groups` equal sub-batches.
-
-    Returns (features, normalised projections, updated batch_stats). groups > 1 mimics a
-    multi-GPU PyTorch run without SyncBN: each sub-batch normalises with its own statistics, and
-    the running statistics are the mean of the sub-batches' updates.
-    """
-
-    def apply(x):
-        (features, projections), updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=train, mutable=["batch_stats"]
-        )
-        return features, _l2_normalize(projections), updates["batch_stats"]
-
-    if groups == 1:
-        return apply(images)
-    batch = images.shape[0]
-    grouped = images.reshape(groups, batch // groups, *images.shape[1:])
-    features, projections, stats = jax.vmap(apply)(grouped)
-    stats = jax.tree.map(lambda s: s.mean(axis=0), stats)
-    return features.reshape(batch, -1), projections.reshape(batch, -1), stats
-
-
-def shuffled_encode(model, params, batch_stats, images, perm, *, groups: int):
-    """MoCo's ShuffleBN for the key encoder: group BatchNorm over the batch reordered by `perm`.
-
-    Sub-batch g normalises images perm[g·B/G : (g+1)·B/G]: a key's statistics come from a random
-    mix of images, not from its query's sub-batch, so BN cannot leak which key is the positive.
-    Returns the normalised projections back in the original order, and the updated batch_stats.
-    """
-    _, keys, batch_stats = encode(model, params, batch_stats, images[perm], groups=groups)
-    return keys[jnp.argsort(perm)], batch_stats
-
-
-def enqueue(queue, ptr, keys):
-    """FIFO ring buffer: `keys` overwrite the oldest rows, the pointer advances by the batch."""
-    # Both start indices in the pointer's dtype: a literal 0 is int64 under jax_enable_x64.
-    start = (ptr, jnp.zeros_like(ptr))
-    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), start)
-    return queue, (ptr + keys.shape[0]) % queue.shape[0]
 
 
 def make_train_step(config, comps: Components):
     """Returns the pure step (state, uint8 images, labels) -> (state, metrics)."""
-    model, probe = comps.model, comps.probe
+    model, probe, method = comps.model, comps.probe, comps.method
     groups = config.bn_groups
-
-    def contrastive_loss(query, key, queue):
-        kwargs = dict(temperature=config.temperature, negative_groups=config.negative_groups)
-        if config.dt_m == 1.0:  # InfoNCE is the dual-temperature loss with weight exactly 1
-            return losses.infonce(query, key, queue, **kwargs)
-        return losses.dual_temperature_infonce(query, key, queue, dt_m=config.dt_m, **kwargs)
-
-    def momentum_keys(state, view1, view2, rng):
-        """Keys from the momentum encoder, in train mode (its own BatchNorm statistics).
-
-        Both views pass through it even for a one-way loss, which reads only k2: the official
-        code does so, and view 1's pass moves the key encoder's BatchNorm running statistics,
-        which an evaluation or export of the momentum encoder reads.
-        """
-        params, stats = state.momentum_params, state.momentum_batch_stats
-        keys = []
-        for view, view_rng in zip((view1, view2), jax.random.split(rng), strict=True):
-            if config.shuffle_bn:  # MoCo's ShuffleBN: sub-batches mix images across groups
-                perm = jax.random.permutation(view_rng, view.shape[0])
-                k, stats = shuffled_encode(model, params, stats, view, perm, groups=groups)
-            else:
-                _, k, stats = encode(model, params, stats, view, groups=groups)
-            keys.append(jax.lax.stop_gradient(k))
-        return keys[0], keys[1], stats
+    predict = bool(model.pred_hidden_dim)
 
     def train_step(state: TrainState, images, labels):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
         aug_rng, key_rng = jax.random.split(rng)
-        view1, view2 = augment.two_views(aug_rng, images, comps.aug)
-
-        if config.momentum_encoder:
-            k1, k2, momentum_stats = momentum_keys(state, view1, view2, key_rng)
-        else:
-            momentum_stats = state.momentum_batch_stats
-        queue = jax.lax.stop_gradient(state.queue) if config.queue_size else None
+        views = augment.two_views(aug_rng, images, comps.aug)
+        momentum_keys, momentum_stats = method.momentum_keys(state, views, key_rng)
+        negatives = method.negatives(state)
 
         def loss_fn(params):
             # Separate passes: each view's BatchNorm statistics come from B images, not 2B.
-            f1, q1, stats = encode(model, params, state.batch_stats, view1, groups=groups)
-            f2, q2, stats = encode(model, params, stats, view2, groups=groups)
-            key1, key2 = (k1, k2) if config.momentum_encoder else (q1, q2)  # SimCo: with gradient
-            loss = contrastive_loss(q1, key2, queue)
-            if config.symmetric:
-                loss = 0.5 * (loss + contrastive_loss(q2, key1, queue))
-            return loss, (stats, jax.lax.stop_gradient((f1, f2)), jax.lax.stop_gradient(key2))
+            stats, features, projections, queries = state.batch_stats, [], [], []
+            for view in views:
+                f, z, *p, stats = encode(model, params, stats, view, groups=groups, predict=predict)
+                features.append(f)
+                projections.append(z)
+                queries.append(p[0] if predict else z)  # BYOL/SimSiam: the predictor's output
+            keys = method.targets(tuple(projections), momentum_keys)
+            loss = method.loss(tuple(queries), keys, negatives)
+            aux = (stats, jax.lax.stop_gradient(tuple(features)), jax.lax.stop_gradient(keys[1]))
+            return loss, aux
 
         (loss, (batch_stats, (f1, f2), new_keys)), grads = jax.value_and_grad(
             loss_fn, has_aux=True
@@ -247,33 +172,15 @@ def make_train_step(config, comps: Components):
         )
         probe_params = optax.apply_updates(state.probe_params, probe_updates)
 
-        tau = schedules.momentum_schedule(
-            state.step,
-            max_steps=comps.total_steps,
-            base_tau=config.base_tau_momentum,
-            final_tau=config.final_tau_momentum,
-        )
-        momentum_params = state.momentum_params
-        if config.momentum_encoder:  # EMA of parameters only; BN statistics come from its passes
-            momentum_params = jax.tree.map(
-                lambda m, o: tau * m + (1.0 - tau) * o, state.momentum_params, params
-            )
-
-        queue, queue_ptr = state.queue, state.queue_ptr
-        if config.queue_size:  # after the loss: this step's keys were not its own negatives
-            queue, queue_ptr = enqueue(queue, queue_ptr, new_keys)
-
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
-            momentum_params=momentum_params,
             momentum_batch_stats=momentum_stats,
-            queue=queue,
-            queue_ptr=queue_ptr,
             probe_params=probe_params,
             probe_opt_state=probe_opt_state,
+            **method.post_update(state, params, new_keys),  # EMA of the momentum encoder, enqueue
         )
         # Accuracies in percent, as the evaluations and the paper's tables; τ only where it acts.
         metrics = dict(
@@ -281,9 +188,8 @@ def make_train_step(config, comps: Components):
             probe_loss=probe_loss,
             probe_train_top1=100.0 * probe_acc,
             lr=comps.lr_schedule(state.step),
+            **method.metrics(state.step),  # τ_m where a momentum encoder acts
         )
-        if config.momentum_encoder:
-            metrics["tau"] = tau
         return new_state, metrics
 
     return train_step

@@ -1,9 +1,10 @@
-"""Tests of the on-device two-view augmentation (the official CIFAR recipe).
+"""Tests of the on-device two-view augmentation (the official solo-learn recipe).
 
 References are independent re-implementations: torchvision's RandomResizedCrop.get_params as its
 sequential Python loop, PIL's own bicubic resize, NumPy blends and `colorsys` HSV for ColorJitter,
-the closed-form Gaussian. Rates are checked against binomial tolerances, distributions with a
-two-sample Kolmogorov-Smirnov distance.
+PIL's own ImageOps.solarize and ImageFilter.GaussianBlur (and a NumPy copy of its box-blur
+arithmetic). Rates are checked against binomial tolerances, distributions with a two-sample
+Kolmogorov-Smirnov distance.
 """
 
 import colorsys
@@ -316,26 +317,86 @@ def test_solarize_inverts_pixels_from_128_up():
     np.testing.assert_allclose(augment.solarize(values), expected, atol=1e-7)
 
 
-def test_gaussian_blur_is_the_normalised_gaussian_with_replicated_edges():
-    sigma = 1.3
-    offsets = np.arange(-augment.BLUR_RADIUS, augment.BLUR_RADIUS + 1)
-    kernel = np.exp(-(offsets**2) / (2 * sigma**2))
-    kernel /= kernel.sum()
-    # A delta far from the edges spreads into the outer product of the 1-D kernel.
-    delta = np.zeros((21, 21, 3), np.float32)
-    delta[10, 10] = 1.0
-    out = np.asarray(augment.gaussian_blur(delta, sigma))
-    expected = np.zeros((21, 21))
-    expected[4:17, 4:17] = np.outer(kernel, kernel)
-    np.testing.assert_allclose(out[..., 1], expected, atol=1e-7)
-    # Constants stay constant (edges replicated), and a 1-pixel bright border row is spread
-    # inwards with the tail mass the replication folds onto it.
-    np.testing.assert_allclose(augment.gaussian_blur(np.full((8, 8, 3), 0.3), 0.7), 0.3, atol=1e-6)
-    edge = np.zeros((16, 16, 3), np.float32)
-    edge[0] = 1.0
-    column = np.asarray(augment.gaussian_blur(edge, sigma))[:, 5, 0]
-    expected_column = [kernel[: max(augment.BLUR_RADIUS + 1 - r, 0)].sum() for r in range(16)]
-    np.testing.assert_allclose(column, expected_column, atol=1e-6)
+def test_solarize_matches_pil_imageops_solarize():
+    image_ops = pytest.importorskip("PIL.ImageOps")
+    image_module = pytest.importorskip("PIL.Image")
+    # Every uint8 value, as PIL.ImageOps.solarize(img, threshold=128) maps it.
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+    pil = np.asarray(image_ops.solarize(image_module.fromarray(values), threshold=128))
+    ours = np.asarray(augment.solarize(values / np.float32(255.0)))
+    np.testing.assert_array_equal(np.round(ours * 255).astype(np.uint8), pil)
+    # Floats between uint8 levels: inverted exactly when PIL would invert round(255·x).
+    x = np.random.default_rng(3).uniform(0, 1, (16, 16, 3)).astype(np.float32)
+    rounded = np.round(x * 255).astype(np.uint8)
+    pil = np.asarray(image_ops.solarize(image_module.fromarray(rounded), threshold=128)) / 255
+    np.testing.assert_allclose(augment.solarize(x), pil, atol=0.5 / 255 + 1e-6)
+
+
+def _pil_box_radius(sigma, passes=3):
+    """PIL's _gaussian_blur_radius (libImaging/BoxBlur.c), step by step in C's float32."""
+    f = np.float32
+    sigma2 = f(f(sigma) * f(sigma) / f(passes))
+    length = f(np.sqrt(12.0 * float(sigma2) + 1.0))
+    whole = f(np.floor((float(length) - 1.0) / 2.0))
+    a = f(f(2 * whole + 1) * f(whole * (whole + 1) - 3 * sigma2))
+    a = f(a / f(6 * (sigma2 - (whole + 1) * (whole + 1))))
+    return f(whole + a)
+
+
+def _np_pil_blur(image, sigma, pil_rounding):
+    """PIL's ImagingGaussianBlur on a (H, W, C) uint8 image: 3 extended-box passes along the
+    width, then 3 along the height, edges replicated. With `pil_rounding`, PIL's 24-bit fixed-point
+    weights and uint8 rounding after every pass (bit-exact); without, the same passes in float64."""
+    radius = _pil_box_radius(sigma)
+    whole = int(radius)
+    if pil_rounding:
+        ww = int(np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1)))
+        fw = ((1 << 24) - (2 * whole + 1) * ww) // 2
+        x = image.astype(np.int64)
+    else:
+        ww = 1.0 / (2.0 * float(radius) + 1.0)
+        fw = (1.0 - (2 * whole + 1) * ww) / 2.0
+        x = image.astype(np.float64)
+
+    def tap(x, d, axis):
+        n = x.shape[axis]
+        return np.take(x, np.clip(np.arange(n) + d, 0, n - 1), axis=axis)
+
+    for axis in (1, 1, 1, 0, 0, 0):
+        inner = sum(tap(x, d, axis) for d in range(-whole, whole + 1))
+        total = inner * ww + (tap(x, -whole - 1, axis) + tap(x, whole + 1, axis)) * fw
+        x = (total + (1 << 23)) >> 24 if pil_rounding else total
+    return x
+
+
+BLUR_CASES = [(0.1, (9, 13)), (0.6, (16, 16)), (1.3, (17, 23)), (2.0, (12, 10)), (2.0, (3, 5))]
+
+
+@pytest.mark.parametrize("sigma, shape", BLUR_CASES)
+def test_gaussian_blur_reference_is_pil_bit_exact(sigma, shape):
+    # The NumPy reference with PIL's integer arithmetic reproduces PIL exactly: it is PIL's op.
+    image_module = pytest.importorskip("PIL.Image")
+    image_filter = pytest.importorskip("PIL.ImageFilter")
+    image = np.random.default_rng(int(sigma * 10)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    pil = image_module.fromarray(image).filter(image_filter.GaussianBlur(radius=sigma))
+    np.testing.assert_array_equal(_np_pil_blur(image, sigma, pil_rounding=True), np.asarray(pil))
+
+
+@pytest.mark.parametrize("sigma, shape", BLUR_CASES)
+def test_gaussian_blur_is_pil_gaussian_blur_in_float(sigma, shape):
+    image_module = pytest.importorskip("PIL.Image")
+    image_filter = pytest.importorskip("PIL.ImageFilter")
+    image = np.random.default_rng(int(sigma * 10)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours = np.asarray(augment.gaussian_blur(image / np.float32(255.0), sigma))
+    # The same passes without rounding, to float32 precision.
+    reference = _np_pil_blur(image, sigma, pil_rounding=False) / 255.0
+    np.testing.assert_allclose(ours, reference, atol=2e-6)
+    # PIL itself differs only by its six roundings to uint8, at most 0.5/255 each.
+    pil = np.asarray(image_module.fromarray(image).filter(image_filter.GaussianBlur(radius=sigma)))
+    assert np.abs(ours - pil / 255.0).max() <= 3.0 / 255
+    # Constants stay constant (the edges are replicated).
+    constant = np.full((8, 8, 3), 0.3, np.float32)
+    np.testing.assert_allclose(augment.gaussian_blur(constant, sigma), 0.3, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,6 +453,54 @@ def test_blur_with_probability_one_smooths_every_image():
     assert np.all(total_variation(out) <= total_variation(x) + 1e-4)
     # sigma ~ U(0.1, 2): only draws below ~0.25 leave a random image nearly as it was.
     assert np.mean(total_variation(out) < 0.9 * total_variation(x)) > 0.8
+
+
+def test_blur_rate_and_sigma_law_on_delta_images():
+    # A delta image, blurred, has horizontal variance sigma² exactly (each extended box carries a
+    # third of it, and the delta is far from the edges); unblurred, it stays a delta.
+    params = AugmentParams(crop_size=16, **{**IDENTITY, "gaussian_prob": 0.5})
+    n = 2000
+    images = np.zeros((n, 16, 16, 3), np.uint8)
+    images[:, 8, 8] = 255
+    out = _unnormalize(augment_view(jax.random.key(14), images, params), params)[..., 0]
+    blurred = np.abs(out - images[..., 0] / 255.0).max(axis=(1, 2)) > 1e-5
+    assert _binomial_ok(blurred.sum(), n, 0.5)
+    columns = out[blurred].sum(axis=1)  # (m, 16): the horizontal marginal, total mass 1
+    np.testing.assert_allclose(columns.sum(axis=1), 1.0, atol=1e-4)
+    sigma = np.sqrt(columns @ (np.arange(16) - 8.0) ** 2)
+    assert 0.1 - 1e-3 <= sigma.min() < 0.15 and 1.95 < sigma.max() <= 2.0 + 1e-3
+    uniform = np.random.default_rng(15).uniform(0.1, 2.0, 20000)
+    assert _ks_distance(sigma, uniform) < _ks_critical(len(sigma), len(uniform))
+
+
+def test_blur_comes_before_solarisation_and_after_grayscale():
+    # Solarising a white delta first would leave a black image; blurring first leaves its spread,
+    # solarised only where it is still >= 0.5. Grayscale before blur is then checked on colour.
+    rates = dict(gray_scale_prob=1.0, gaussian_prob=1.0, solarization_prob=1.0)
+    params = AugmentParams(crop_size=16, **{**IDENTITY, **rates})
+    images = np.zeros((64, 16, 16, 3), np.uint8)
+    images[:, 8, 8] = (255, 0, 0)
+    out = _unnormalize(augment_view(jax.random.key(16), images, params), params)
+    spread = out[..., 0].sum(axis=(1, 2))
+    assert np.all(spread > 0.1)  # the red delta's luma 0.299, mostly spread into dark pixels
+    np.testing.assert_allclose(out[..., 0], out[..., 2], atol=1e-6)  # grey: grayscale came first
+    assert out.max() <= 0.5 + 1e-6
+
+
+def test_zero_probability_blur_and_solarisation_leave_the_other_draws_alone():
+    # The CIFAR recipe (p = 0: both ops compiled out) gives the same views as the same recipe
+    # with both ops compiled in at a probability no draw reaches: neither op consumes or shifts
+    # the random numbers of the others (a shifted draw would move pixels by O(1), not by the
+    # float32 ulps that XLA's different fusion of the larger program may cost).
+    cifar = AugmentParams(crop_size=16)
+    compiled_in = AugmentParams(crop_size=16, gaussian_prob=1e-30, solarization_prob=1e-30)
+    images = _random_images(32, 16, seed=17)
+    for ours, other in zip(
+        two_views(jax.random.key(18), images, cifar),
+        two_views(jax.random.key(18), images, compiled_in),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, other, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

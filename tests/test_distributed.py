@@ -93,7 +93,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from helpers import DEADLINE_S, FRAMEWORKS, REPO, framework_config, tail, wait, wait_until  # noqa: E402
 
-from simco_jax import augment, data, models, train_step, writers  # noqa: E402
+from simco_jax import augment, data, methods, models, train_step, writers  # noqa: E402
 from simco_jax import config as config_lib  # noqa: E402
 
 
@@ -459,15 +459,16 @@ def test_step_keys_under_shuffle_bn_are_the_direct_computation(monkeypatch):
         jax.debug.callback(lambda p: used.append(np.asarray(p)), perm)
         return original(model, params, batch_stats, images, perm, groups=groups)
 
-    original = train_step.shuffled_encode
-    monkeypatch.setattr(train_step, "shuffled_encode", spy)
+    original = methods.shuffled_encode
+    monkeypatch.setattr(methods, "shuffled_encode", spy)
     images = (np.arange(8 * 8 * 8 * 3).reshape(8, 8, 8, 3) * 37 % 256).astype(np.uint8)
     new_state, _ = jax.jit(train_step.make_train_step(config, comps))(
         state, images, jnp.zeros(8, jnp.int32)
     )
     jax.effects_barrier()
-    assert len(used) == 1  # one-way loss: only view 2's keys
-    perm = used[0]
+    # Both views pass the key encoder (as the official code); view 2's keys are the queued ones.
+    assert len(used) == 2
+    perm = used[1]
     assert sorted(perm) == list(range(8)) and list(perm) != list(range(8))
     view2 = _fixed_views(None, jnp.asarray(images), comps.aug)[1]
     _, permuted_keys, _ = _direct_group_bn(

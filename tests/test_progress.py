@@ -72,18 +72,24 @@ def test_rate_starts_after_the_first_unit_and_leaves_out_pauses():
 
 
 def test_eval_steps_are_the_trainers():
-    assert progress.eval_steps(20, 8, 1) == [8, 16, 20]  # the last, partial epoch too
-    assert progress.eval_steps(40, 8, 2) == [16, 32, 40]
-    assert progress.eval_steps(16, 8, 3) == [16]
-    assert progress.eval_steps(16, 8, 0) == []  # kNN off
+    assert progress.eval_steps(20, 8) == [8, 16, 20]  # the last, partial epoch too
+    assert progress.eval_steps(40, 16) == [16, 32, 40]
+    assert progress.eval_steps(16, 24) == [16]
+    assert progress.eval_steps(16, 0) == []  # kNN off
 
 
-def test_knn_runs_only_with_a_probe_evaluation():
+def test_each_evaluator_runs_on_its_own_period():
     config = framework_config("simco", max_epochs=8, eval_every_epochs=2, knn_every_epochs=3)
+    config.evals.norm = dict(type="feature_norm_evaluator", every_steps=20)
     display = progress.TrainProgress(
         config, total_steps=64, start_step=0, steps_per_epoch=8, num_train=256, num_test=64
     )
-    assert display.eval_steps == {"probe": [16, 32, 48, 64], "kNN": [48, 64]}
+    assert display.eval_steps == {
+        "probe": [16, 32, 48, 64],
+        "knn": [24, 48, 64],
+        "norm": [20, 40, 60, 64],
+    }
+    assert display.eval_images == {"probe": 64, "knn": 256 + 64, "norm": 64}
 
 
 def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog):
@@ -104,7 +110,7 @@ def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog
         report(0, 3)  # the line appears before the first batch
         for done, clock.now in ((1, 112.0), (2, 113.0), (3, 114.0)):  # first batch compiles
             report(done, 3)
-    with display.evaluation("kNN") as report:
+    with display.evaluation("knn") as report:
         clock.now = 120.0
         report(1, 1)  # one batch, the first kNN: compile and work cannot be told apart
     assert display.eval_s == {"probe": 3.0}  # 3 batches at the 1 batch/s of the warm ones

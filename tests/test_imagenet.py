@@ -1,0 +1,153 @@
+"""The ImageNet configs (MoCo v2's recipe for all three frameworks), the ImageNet-100 class list,
+and the memory check that runs before compiling."""
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+
+import jax
+import pytest
+from helpers import FRAMEWORKS, REPO
+
+from simco_jax import augment, memory
+from simco_jax import config as config_lib
+
+FRAMEWORK_KEYS = {"momentum_encoder", "queue_size", "dt_m", "symmetric", "temperature"}
+CLASS_LIST = os.path.join(REPO, "configs", "imagenet100_classes.txt")
+
+
+def imagenet_config(framework, variant=None, **overrides):
+    config = importlib.import_module(f"configs.{framework}_imagenet").get_config(variant)
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("variant", [None, "imagenet100", "smoke", "imagenet100,smoke"])
+def test_shipped_imagenet_configs_are_valid(framework, variant, tmp_path):
+    config = imagenet_config(framework, variant)
+    if config.dataset == "imagefolder":
+        config.data_path = str(tmp_path)
+    config_lib.validate(config, num_devices=8)
+    augment.AugmentParams.from_config(config)  # the augmentation accepts it too
+    assert config.class_list == (CLASS_LIST if "imagenet100" in (variant or "") else "")
+    if variant and "smoke" in variant:
+        assert config.dataset == "imagefolder" and not config.cifar_stem
+        assert config.backbone_width <= 8 and config.crop_size <= 32
+
+
+def test_imagenet_frameworks_differ_only_in_the_framework_keys():
+    configs = {f: imagenet_config(f).to_dict() for f in FRAMEWORKS}
+    differing = {k for k in configs["simco"] if len({repr(c[k]) for c in configs.values()}) > 1}
+    assert differing == FRAMEWORK_KEYS
+    # The framework keys are the CIFAR configs' (τα and dt_m included), except MoCo v2's τ.
+    for framework in FRAMEWORKS:
+        cifar = importlib.import_module(f"configs.{framework}_cifar").get_config()
+        for key in FRAMEWORK_KEYS - {"temperature"}:
+            assert configs[framework][key] == cifar[key], (framework, key)
+    assert configs["mocov2"]["temperature"] == 0.2
+    assert configs["simco"]["temperature"] == configs["simmoco"]["temperature"] == 0.1
+
+
+def test_imagenet_recipe_is_moco_v2s():
+    c = imagenet_config("mocov2")
+    assert (c.dataset, c.backbone, c.crop_size) == ("imagenet2012", "resnet50", 224)
+    assert c.cifar_stem is False and c.scale_lr is True
+    assert (c.batch_size, c.lr, c.momentum, c.weight_decay) == (256, 0.03, 0.9, 1e-4)
+    assert (c.max_epochs, c.warmup_epochs, c.min_lr) == (200, 0, 0.0)
+    assert (c.queue_size, c.base_tau_momentum, c.final_tau_momentum) == (65536, 0.999, 0.999)
+    assert (c.proj_hidden_dim, c.proj_output_dim) == (2048, 128)
+    aug = augment.AugmentParams.from_config(c)
+    assert (aug.min_scale, aug.max_scale) == (0.2, 1.0)
+    assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == (0.4, 0.4, 0.4, 0.1)
+    assert (aug.color_jitter_prob, aug.gray_scale_prob, aug.gaussian_prob) == (0.8, 0.2, 0.5)
+    assert (aug.solarization_prob, aug.horizontal_flip_prob) == (0.0, 0.5)
+    assert aug.mean == (0.485, 0.456, 0.406) and aug.std == (0.229, 0.224, 0.225)
+
+
+def test_imagefolder_switch_is_two_overrides(tmp_path):
+    config = imagenet_config("simco", None, dataset="imagefolder", data_path=str(tmp_path))
+    config_lib.validate(config, num_devices=1)
+    # Nothing else changes: the recipe is the same on either source.
+    default = imagenet_config("simco").to_dict()
+    changed = {k for k, v in config.to_dict().items() if default[k] != v}
+    assert changed == {"dataset", "data_path"}
+
+
+def test_imagenet100_class_list_is_cmcs_100_wordnet_ids():
+    with open(CLASS_LIST) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 100 and len(set(lines)) == 100
+    assert all(re.fullmatch(r"n\d{8}", line) for line in lines)
+    # The list of CMC (HobbitLong/CMC imagenet100.txt), in its order; any edit changes this.
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    assert digest == "b06db93f7ac2851ef476c162d6c4cbba17197be0269c88005add46486f682cb0"
+    assert lines[:3] == ["n02869837", "n01749939", "n02488291"] and lines[-1] == "n02090622"
+
+
+def test_unknown_imagenet_variant_is_named():
+    with pytest.raises(ValueError, match="unknown config variant 'cifar10'"):
+        imagenet_config("simco", "cifar10")
+
+
+# --------------------------------------------------------------------------------------------
+# The memory check before compiling
+
+
+def test_memory_check_names_the_largest_batch_that_fits():
+    config = imagenet_config("simco", "smoke", batch_size=64)
+    fixed, per_image = memory.step_terms(config, 10)
+    assert fixed > 0 and per_image > 0
+    # A device that holds exactly 5.5 images' worth: per-device batch 5 fits, 8 does not.
+    limit = memory.SAFETY * (fixed + 5.5 * per_image)
+    config.device_memory_gb = limit / 2**30
+    message = r"largest per-device batch that fits is about 5 \(batch_size=40\)"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        memory.check_fits(config, 10, num_devices=8)
+    config.batch_size = 40
+    memory.check_fits(config, 10, num_devices=8)  # 5 per device: fits, no error
+
+
+def test_memory_check_is_skipped_where_the_device_reports_no_limit():
+    config = imagenet_config("simco", "smoke", batch_size=10**6)
+    if (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"):
+        pytest.skip("this backend reports a memory limit")
+    assert memory.device_memory_bytes(config) is None
+    memory.check_fits(config, 10, num_devices=1)  # no limit known: no check, no error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant, overrides",
+    [
+        ("smoke", {}),  # augmentation-bound: the tiny network's activations are smaller
+        ("smoke", dict(backbone_width=16, cifar_stem=True)),  # activation-bound
+    ],
+)
+def test_analytic_memory_model_tracks_xlas_compiled_step(variant, overrides):
+    # XLA's memory analysis of the compiled step (as benchmarks/memory_plan.py reads it) at two
+    # per-device batches: its per-image growth and the analytic one agree within a factor 2.
+    spec = importlib.util.spec_from_file_location(
+        "memory_plan", os.path.join(REPO, "benchmarks", "memory_plan.py")
+    )
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    config = imagenet_config("simco", variant, **overrides)
+    measured = {b: plan.measure(plan.compile_step(config, b)[0]) for b in (8, 16)}
+    slope = (measured[16]["program_bytes"] - measured[8]["program_bytes"]) / 8
+    _, per_image = memory.step_terms(config, plan.NUM_CLASSES)
+    assert 0.5 < per_image / slope < 2.0, (per_image, slope)
+    assert measured[16]["flops"] > 1.5 * measured[8]["flops"]
+
+
+def test_a_batch_too_large_for_the_device_fails_before_compiling(tmp_path):
+    from helpers import framework_config
+
+    from simco_jax import train
+
+    config = framework_config("simco", device_memory_gb=1e-3)  # 1 MiB: nothing fits
+    with pytest.raises(config_lib.ConfigError, match="largest per-device batch that fits is"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))

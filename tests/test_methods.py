@@ -1,0 +1,491 @@
+"""The method seam, BYOL and SimSiam, LARS, the evaluator registry and the period units."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import framework_config, run_python
+
+from simco_jax import (
+    augment,
+    checkpointing,
+    data,
+    losses,
+    methods,
+    models,
+    optimizers,
+    train,
+    train_step,
+    writers,
+)
+from simco_jax import config as config_lib
+
+# ---------------------------------------------------------------------------------------------
+# The refactor changed no number: values recorded before the method seam existed.
+# ---------------------------------------------------------------------------------------------
+
+# Smoke config, max_steps=8 (one epoch), through train.train_and_evaluate on CPU float32; recorded
+# with the train step of commit e0eb2ed (before `simco_jax.methods`).
+PINNED_RUNS = {
+    "simco": dict(
+        losses=[3.514998435974121, 3.4612197875976562],
+        probe_losses=[2.451085329055786, 2.3845059871673584],
+        final=dict(probe_top1=9.375, probe_top5=59.375, knn_top1=71.875, knn_top5=100.0),
+        params_sum=329.00202626937903,
+        probe_sum=1.7063605626681237,
+    ),
+    "simmoco": dict(
+        losses=[3.5279839038848877, 3.490118980407715],
+        probe_losses=[2.44537353515625, 2.3804192543029785],
+        final=dict(probe_top1=9.375, probe_top5=57.8125, knn_top1=62.5, knn_top5=96.875),
+        params_sum=327.8014815701407,
+        probe_sum=1.7063605640432797,
+    ),
+    "mocov2": dict(
+        losses=[5.022121429443359, 5.594769477844238],
+        probe_losses=[2.442625045776367, 2.405014991760254],
+        final=dict(probe_top1=9.375, probe_top5=50.0, knn_top1=35.9375, knn_top5=90.625),
+        params_sum=328.5283619820581,
+        probe_sum=1.7063608129683416,
+    ),
+}
+
+# Two jitted steps on the first batch (mocov2 with a 64-key queue), same commit: the losses, and
+# float64 sums of the online params and BatchNorm statistics, the momentum params and the queue.
+PINNED_STEPS = {
+    "simco": ([3.5905263423919678, 3.5121545791625977], 328.0767939596428, 288.3641599373368),
+    "simmoco": ([3.604640007019043, 3.548600673675537], 328.0841629961346, 288.09763724049844),
+    "mocov2": ([0.205792635679245, 3.5694680213928223], 328.30497367707426, 288.1768110952398),
+}
+PINNED_MOMENTUM = {"simmoco": 328.24802378269885, "mocov2": 328.25108124528765}
+PINNED_QUEUE = {"mocov2": 3.5287625499186106}
+
+
+def _sum(tree):
+    return float(sum(np.sum(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)))
+
+
+def _setup(config):
+    dataset = data.load_dataset(config)
+    steps_per_epoch = len(dataset.train_labels) // config.batch_size
+    comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
+    state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
+    step = jax.jit(train_step.make_train_step(config, comps))
+    images = jnp.asarray(dataset.train_images[: config.batch_size])
+    labels = jnp.asarray(dataset.train_labels[: config.batch_size], jnp.int32)
+    return comps, state, step, images, labels
+
+
+@pytest.mark.parametrize("framework", sorted(PINNED_STEPS))
+def test_old_frameworks_take_bit_identical_steps(framework):
+    config = framework_config(framework, queue_size=64 if framework == "mocov2" else 0)
+    _, state, step, images, labels = _setup(config)
+    losses_seen = []
+    for _ in range(2):
+        state, metrics = step(state, images, labels)
+        losses_seen.append(float(metrics["loss"]))
+    expected_losses, params_sum, stats_sum = PINNED_STEPS[framework]
+    assert losses_seen == expected_losses
+    assert _sum(state.params) == params_sum
+    assert _sum(state.batch_stats) == stats_sum
+    if framework in PINNED_MOMENTUM:
+        assert _sum(state.momentum_params) == PINNED_MOMENTUM[framework]
+    else:
+        assert state.momentum_params is None
+    if framework in PINNED_QUEUE:
+        assert _sum(state.queue) == PINNED_QUEUE[framework]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", sorted(PINNED_RUNS))
+def test_old_frameworks_give_bit_identical_smoke_metrics(framework, tmp_path):
+    config = framework_config(framework, max_steps=8)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    records = writers.read_metrics(str(tmp_path))
+    pinned = PINNED_RUNS[framework]
+    assert [r["loss"] for r in records if "loss" in r] == pinned["losses"]
+    assert [r["probe_loss"] for r in records if "loss" in r] == pinned["probe_losses"]
+    final = [r for r in records if "probe_top1" in r][-1]
+    assert {k: final[k] for k in pinned["final"]} == pinned["final"]
+    assert _sum(summary["state"].params) == pinned["params_sum"]
+    assert _sum(summary["state"].probe_params) == pinned["probe_sum"]
+
+
+# ---------------------------------------------------------------------------------------------
+# BYOL and SimSiam.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["byol", "simsiam"])
+def test_new_framework_trains_through_launch(framework, tmp_path):
+    workdir = tmp_path / framework
+    run_python(
+        [
+            "launch.py",
+            f"--config=configs/{framework}_cifar.py:smoke",
+            f"--workdir={workdir}",
+            "--config.max_steps=4",
+        ],
+        timeout=3600,
+    )
+    records = writers.read_metrics(str(workdir))
+    losses_seen = [r["loss"] for r in records if "loss" in r]
+    assert losses_seen and np.all(np.isfinite(losses_seen))
+    final = [r for r in records if "probe_top1" in r][-1]
+    assert 0.0 <= final["probe_top1"] <= final["probe_top5"] <= 100.0 and "knn_top1" in final
+    # BYOL's summed normalised MSE lies in [0, 8]; SimSiam's mean negative cosine in [-1, 1].
+    low, high = (0.0, 8.0) if framework == "byol" else (-1.0, 1.0)
+    assert all(low <= v <= high for v in losses_seen)
+
+
+def _cosine(a, b):
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return np.sum(a * b, axis=-1)
+
+
+def _cosine_grad(a, b):
+    """d cos(a_i, b_i) / d a_i = (b̄ − cos·ā) / ‖a‖, row by row."""
+    na = np.linalg.norm(a, axis=-1, keepdims=True)
+    nb = np.linalg.norm(b, axis=-1, keepdims=True)
+    cos = _cosine(a, b)[:, None]
+    return (b / nb - cos * a / na) / na
+
+
+@pytest.mark.parametrize(
+    "framework, loss, direction_weight, scale, offset",
+    [
+        # BYOL: L + L̃ with L = mean(2 − 2 cos) (Grill et al. 2020, eq. 2; solo-learn sums both).
+        ("byol", "normalized_mse", 1.0, -2.0, 2.0),
+        # SimSiam: ½(D(p1, z2) + D(p2, z1)), D = −mean(cos) (Chen & He 2021, eq. 2).
+        ("simsiam", "negative_cosine", 0.5, -1.0, 0.0),
+    ],
+)
+def test_negative_free_losses_match_numpy(framework, loss, direction_weight, scale, offset):
+    config = framework_config(framework)
+    assert config.loss == loss and config.symmetric
+    method = methods.make_method(config, model=None, total_steps=10)
+    rng = np.random.default_rng(0)
+    p1, p2, z1, z2 = (rng.normal(size=(6, 5)).astype(np.float64) for _ in range(4))
+
+    def total(p1, p2, z1, z2):
+        return method.loss((p1, p2), (z1, z2), None)
+
+    value, grads = jax.value_and_grad(total, argnums=(0, 1, 2, 3))(
+        *(jnp.asarray(x, jnp.float32) for x in (p1, p2, z1, z2))
+    )
+    batch = p1.shape[0]
+    term = lambda p, z: np.mean(offset + scale * _cosine(p, z))
+    expected = direction_weight * (term(p1, z2) + term(p2, z1))
+    np.testing.assert_allclose(float(value), expected, rtol=1e-6, atol=1e-7)
+    c = direction_weight * scale / batch
+    expected_grads = (
+        c * _cosine_grad(p1, z2),
+        c * _cosine_grad(p2, z1),
+        c * _cosine_grad(z1, p2),
+        c * _cosine_grad(z2, p1),
+    )
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    # The one-way loss is a single direction.
+    one_way = methods.make_method(framework_config(framework, symmetric=False), None, 10)
+    np.testing.assert_allclose(
+        float(one_way.loss((p1, p2), (z1, z2), None)), term(p1, z2), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_loss_functions_match_numpy_per_pair():
+    rng = np.random.default_rng(1)
+    p, z = rng.normal(size=(2, 7, 4))
+    np.testing.assert_allclose(
+        float(losses.normalized_mse(p, z)),
+        np.mean(
+            np.sum(
+                (
+                    p / np.linalg.norm(p, axis=-1, keepdims=True)
+                    - z / np.linalg.norm(z, axis=-1, keepdims=True)
+                )
+                ** 2,
+                -1,
+            )
+        ),  # noqa: E501
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(float(losses.negative_cosine(p, z)), -np.mean(_cosine(p, z)), 1e-6)
+
+
+@pytest.mark.parametrize(
+    "framework, gradient_reaches_targets",
+    [("simco", True), ("simsiam", False), ("byol", False), ("simmoco", False)],
+)
+def test_who_gets_gradient_through_the_targets(framework, gradient_reaches_targets):
+    """SimCo's keys are the online projections with gradient; SimSiam stops it; a momentum
+    encoder's keys never carry any."""
+    method = methods.make_method(framework_config(framework), None, 10)
+    z = jnp.ones((4, 3))
+    momentum_keys = (jnp.full((4, 3), 2.0), jnp.full((4, 3), 3.0))
+
+    def through_targets(z):
+        k1, k2 = method.targets((z, 2 * z), momentum_keys)
+        return jnp.sum(k1) + jnp.sum(k2)
+
+    grad = jax.grad(through_targets)(z)
+    assert bool(jnp.all(grad != 0)) == gradient_reaches_targets
+
+
+def test_byol_state_momentum_encoder_without_predictor_and_a_step_moves_it():
+    config = framework_config("byol", base_tau_momentum=0.5, final_tau_momentum=0.5)
+    comps, state, step, images, labels = _setup(config)
+    assert "predictor" in state.params and "predictor" in state.batch_stats
+    assert sorted(state.momentum_params) == ["backbone", "projector"]
+    assert "hidden_bn" in state.batch_stats["projector"]  # BYOL's projector has BatchNorm
+    new_state, metrics = step(state, images, labels)
+    assert np.isfinite(float(metrics["loss"]))
+    # EMA with τ = 0.5 of the old target and the new online weights.
+    old, new = state.momentum_params["projector"], new_state.momentum_params["projector"]
+    online = new_state.params["projector"]
+    jax.tree.map(
+        lambda m, o, n: np.testing.assert_allclose(n, 0.5 * m + 0.5 * o, rtol=1e-6),
+        old,
+        online,
+        new,
+    )
+    # The predictor is trained (its first bias is not: the BatchNorm after it cancels it).
+    old_pred, new_pred = state.params["predictor"], new_state.params["predictor"]
+    for layer in ("hidden", "output"):
+        assert bool(jnp.any(old_pred[layer]["kernel"] != new_pred[layer]["kernel"]))
+
+
+def test_simsiam_projector_ends_in_batch_norm_without_affine():
+    config = framework_config("simsiam")
+    comps, state, *_ = _setup(config)
+    projector = state.params["projector"]
+    assert sorted(projector) == ["hidden", "hidden2", "hidden2_bn", "hidden_bn", "output"]
+    assert "bias" not in projector["hidden"] and "bias" not in projector["output"]
+    assert "output_bn" in state.batch_stats["projector"]  # statistics only, no scale/bias
+    assert state.momentum_params is None and state.queue is None
+
+
+@pytest.mark.parametrize(
+    "framework, overrides",
+    [
+        ("mocov2", dict(queue_size=64, predictor=True)),  # MoCo with a predictor (as MoCo v3)
+        ("simco", dict(optimizer="lars")),
+        ("simsiam", dict(momentum_encoder=True, loss="normalized_mse")),  # BYOL-like SimSiam
+    ],
+)
+def test_mixes_of_parts_train(framework, overrides):
+    config = framework_config(framework, **overrides)
+    config_lib.validate(config)
+    _, state, step, images, labels = _setup(config)
+    for _ in range(2):
+        new_state, metrics = step(state, images, labels)
+        assert np.isfinite(float(metrics["loss"]))
+        changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+        assert any(jax.tree.leaves(changed))
+        state = new_state
+
+
+# ---------------------------------------------------------------------------------------------
+# LARS.
+# ---------------------------------------------------------------------------------------------
+
+
+def _solo_learn_lars_numpy(params, grads_fn, lrs, *, momentum, wd, eta, clip, exclude, eps=1e-8):
+    """solo-learn's LARS.step (solo/utils/lars.py) in NumPy, float64, one loop per parameter."""
+    params = {k: v.astype(np.float64).copy() for k, v in params.items()}
+    buffers = {}
+    for lr in lrs:
+        grads = grads_fn(params)
+        for name, p in params.items():
+            d_p = grads[name].copy()
+            p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(grads[name])
+            if p.ndim != 1 or not exclude:
+                if p_norm != 0 and g_norm != 0:
+                    lars_lr = p_norm / (g_norm + p_norm * wd + eps)
+                    lars_lr *= eta
+                    if clip:
+                        lars_lr = min(lars_lr / lr, 1)
+                    d_p = d_p + wd * p
+                    d_p = d_p * lars_lr
+            if momentum != 0:
+                if name not in buffers:
+                    buffers[name] = d_p.copy()
+                else:
+                    buffers[name] = momentum * buffers[name] + d_p
+                d_p = buffers[name]
+            params[name] = p - lr * d_p
+    return params
+
+
+@pytest.mark.parametrize("clip, exclude", [(True, True), (False, False), (True, False)])
+def test_lars_matches_solo_learn_numpy(clip, exclude):
+    rng = np.random.default_rng(3)
+    params = {
+        "kernel": rng.normal(size=(4, 3)),
+        "bias": rng.normal(size=(3,)),
+        "scale": rng.normal(size=(3,)) * 0.1,
+        "zero": np.zeros((2, 2)),  # ‖p‖ = 0: no adaptation, no weight decay
+    }
+    target = {k: rng.normal(size=v.shape) for k, v in params.items()}
+
+    def grads_fn(p):  # of ½ Σ c·(p − t)², a different curvature per leaf
+        return {k: (i + 1.0) * (p[k] - target[k]) for i, k in enumerate(sorted(p))}
+
+    lrs = [0.3, 0.8, 1.0, 0.5, 0.05]  # a schedule: the clip divides by the current lr
+    kwargs = dict(momentum=0.9, wd=1e-2, eta=0.02, clip=clip, exclude=exclude)
+    expected = _solo_learn_lars_numpy(params, grads_fn, lrs, **kwargs)
+
+    tx = optimizers.lars(
+        lambda count: jnp.asarray(lrs)[count],
+        momentum=0.9,
+        weight_decay=1e-2,
+        eta=0.02,
+        clip_lr=clip,
+        exclude_bias_n_norm=exclude,
+    )
+    with jax.enable_x64(True):
+        p = {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
+        opt_state = tx.init(p)
+        for _ in lrs:
+            grads = jax.tree.map(jnp.asarray, grads_fn({k: np.asarray(v) for k, v in p.items()}))
+            updates, opt_state = tx.update(grads, opt_state, p)
+            p = optax.apply_updates(p, updates)
+        got = {k: np.asarray(v) for k, v in p.items()}
+    for name in params:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(got["zero"], expected["zero"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_simsiam_predictor_keeps_the_peak_lr(optimizer):
+    config = framework_config("simsiam", optimizer=optimizer, weight_decay=0.1)
+    assert config.pred_fixed_lr
+    params = {"backbone": {"kernel": jnp.ones((2, 2))}, "predictor": {"kernel": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    zero_schedule = lambda count: jnp.zeros((), jnp.float32)  # as at the start of a warm-up from 0
+    tx = optimizers.make_optimizer(config, zero_schedule, 2.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["backbone"]["kernel"], 0.0)
+    # The predictor steps with lr 2: SGD −2·(g + wd·p); LARS (trust ratio clipped at 1 by lr 2:
+    # 0.02·2/(1 + 0.2) / 2 < 1) scales by it.
+    expected = -2.0 * (0.5 + 0.1) * np.ones((2, 2))
+    if optimizer == "lars":
+        expected *= 0.02 * 2.0 / (1.0 + 0.1 * 2.0 + 1e-8) / 2.0
+    np.testing.assert_allclose(updates["predictor"]["kernel"], expected, rtol=1e-6)
+    no_fixed = optimizers.make_optimizer(
+        framework_config("simsiam", pred_fixed_lr=False), zero_schedule, 2.0
+    )
+    updates, _ = no_fixed.update(grads, no_fixed.init(params), params)
+    np.testing.assert_array_equal(updates["predictor"]["kernel"], 0.0)
+
+
+def test_optax_lars_is_not_solo_learns():
+    """Why `optimizers.lars` is not `optax.lars`: one step on the same problem differs."""
+    params = {"kernel": jnp.asarray([[1.0, 2.0], [3.0, 4.0]])}
+    grads = {"kernel": jnp.asarray([[0.5, -1.0], [2.0, 0.1]])}
+    ours = optimizers.lars(1.0, weight_decay=0.1, eta=0.02, momentum=0.9)
+    theirs = optax.lars(1.0, weight_decay=0.1, trust_coefficient=0.02, momentum=0.9)
+    a, _ = ours.update(grads, ours.init(params), params)
+    b, _ = theirs.update(grads, theirs.init(params), params)
+    assert not np.allclose(a["kernel"], b["kernel"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluator registry and periods.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_runs_a_user_defined_evaluator_from_a_config_entry(tmp_path):
+    config = framework_config("simco", max_steps=3, log_every_steps=1)
+    config.evals.feature_norm = dict(type="feature_norm_evaluator", every_steps=2)
+    config.evals.knn.every_steps = 0  # disabled: not even at the end
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    records = writers.read_metrics(str(tmp_path))
+    norms = {r["step"]: r["feature_norm_mean"] for r in records if "feature_norm_mean" in r}
+    assert sorted(norms) == [2, 3]  # every 2 steps, and after the last one
+    assert not any("knn_top1" in r for r in records)
+    assert [r["step"] for r in records if "probe_top1" in r] == [3]  # eval_every_epochs=1
+    # The value is the mean norm of the clean test features of the final state.
+    dataset = data.load_dataset(config)
+    comps = train_step.build_components(config, dataset.num_classes, 8)
+    state = summary["state"]
+    x = augment.normalize(jnp.asarray(dataset.test_images), comps.aug)
+    features, _ = comps.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, x, train=False
+    )
+    expected = float(jnp.mean(jnp.linalg.norm(features, axis=-1)))
+    np.testing.assert_allclose(norms[3], expected, rtol=1e-5)
+
+
+def test_unknown_evaluator_type_is_refused_before_compiling():
+    config = framework_config("simco")
+    config.evals.mine = dict(type="no_such_module_anywhere")
+    with pytest.raises(config_lib.ConfigError, match="evals.mine.type='no_such_module_anywhere'"):
+        config_lib.validate(config)
+
+
+def test_periods_in_steps_or_epochs_resolve_in_one_helper():
+    c = config_lib.base_config()
+    assert config_lib.period_steps(c, "log_every", 10) == 50
+    assert config_lib.period_steps(c, "checkpoint_every", 10) == 1000
+    c.log_every_epochs = 0.5  # replaces the default log_every_steps
+    assert config_lib.period_steps(c, "log_every", 10) == 5
+    c.log_every_steps = 7  # both set explicitly: refused
+    with pytest.raises(config_lib.ConfigError, match="both set"):
+        config_lib.period_steps(c, "log_every", 10)
+    c.checkpoint_every_epochs = 2.0
+    assert config_lib.period_steps(c, "checkpoint_every", 10) == 20
+    # Evaluators: the old keys give the built-ins' periods; an entry's own period wins.
+    c = config_lib.base_config()
+    assert config_lib.eval_periods(c, 10) == {"probe": 10, "knn": 100}
+    c.eval_every_epochs, c.knn_every_epochs = 2, 0
+    assert config_lib.eval_periods(c, 10) == {"probe": 20, "knn": 0}
+    c.evals.knn.every_steps = 15
+    c.evals.probe.every_epochs = 0.3
+    assert config_lib.eval_periods(c, 10) == {"probe": 3, "knn": 15}
+    c.evals.probe.every_steps = 4
+    with pytest.raises(config_lib.ConfigError, match="every_steps=4 and every_epochs=0.3"):
+        config_lib.eval_periods(c, 10)
+
+
+def test_the_seams_choices_are_the_schemas():
+    assert config_lib.PROJECTORS == models.PROJECTORS
+    assert config_lib.LOSSES == tuple(methods.LOSSES)
+    assert config_lib.OPTIMIZERS == optimizers.OPTIMIZERS
+    negative_free = tuple(k for k, v in methods.LOSSES.items() if not v.uses_negatives)
+    assert config_lib.NEGATIVE_FREE_LOSSES == negative_free
+
+
+def test_new_keys_are_checked():
+    for overrides, message in (
+        (dict(loss="mse"), "loss must be one of"),
+        (dict(projector="mlp4"), "projector must be one of"),
+        (dict(optimizer="adam"), "optimizer must be one of"),
+        (dict(loss="negative_cosine", queue_size=64), "uses no negatives; set queue_size=0"),
+        (dict(predictor=True, pred_hidden_dim=0), "pred_hidden_dim must be an integer"),
+    ):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.validate(framework_config("simco", **overrides))
+    for framework in ("byol", "simsiam"):
+        config_lib.validate(framework_config(framework, variant=""))
+
+
+def test_checkpoints_from_before_the_seam_resume_and_other_methods_are_refused():
+    """A checkpoint's record is its config: keys it lacks (added since) are not compared, a
+    different method is refused, and periods and evaluators may change on resume."""
+    new_keys = {"projector", "predictor", "pred_hidden_dim", "pred_fixed_lr", "loss"}
+    new_keys |= {"optimizer", "lars_eta", "lars_clip_lr", "lars_exclude_bias_n_norm", "evals"}
+    new_keys |= {"log_every_epochs", "checkpoint_every_epochs"}
+    now = checkpointing.compatibility_record(framework_config("simco"), 10)
+    old = {k: v for k, v in now.items() if k not in new_keys}
+    assert checkpointing.changes(old, now) == ({}, {})
+    refused, _ = checkpointing.changes(
+        now, checkpointing.compatibility_record(framework_config("byol"), 10)
+    )
+    assert {"loss", "predictor", "projector", "optimizer", "momentum_encoder"} <= set(refused)
+    changed = framework_config("simco", log_every_epochs=0.5)
+    changed.evals.knn.every_steps = 3
+    refused, accepted = checkpointing.changes(now, checkpointing.compatibility_record(changed, 10))
+    assert refused == {} and set(accepted) == {"log_every_epochs", "evals"}
