@@ -84,6 +84,11 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     anything compiles. `order_seed`: the seed of a streamed order and crops (default
     `config.seed`; the resident order comes from the train state's key)."""
     if resolve_mode(config) == "resident":
+        if config.class_list:
+            raise data.DataError(
+                "config.class_list selects class folders of dataset='imagefolder'; it is not "
+                f"applied to dataset={config.dataset!r}: set class_list=''."
+            )
         dataset = data.load_dataset(config)
         batch = config.eval_batch_size
         return Inputs(
@@ -131,13 +136,33 @@ def _split_identity(split: streaming.Split) -> str:
     return f"{len(split)} images, crc32 {crc:08x} of their names"
 
 
+def read_class_list(path: str) -> list[str]:
+    """The class names of a class-list file (one per line; blank lines and '#' comments skipped)."""
+    try:
+        with open(os.path.expanduser(path)) as f:
+            names = [line.split("#")[0].strip() for line in f]
+    except OSError as error:
+        raise data.DataError(f"cannot read config.class_list={path!r} ({error.strerror})") from None
+    names = [n for n in names if n]
+    if not names or len(set(names)) != len(names):
+        raise data.DataError(f"config.class_list={path!r} must list distinct class names")
+    return names
+
+
 def open_splits(config):
     """(name, train split, test split, num_classes) of a streamed dataset."""
     if config.dataset == "imagefolder":
         root = os.path.expanduser(config.data_path)
-        train, classes = streaming.image_folder_split(os.path.join(root, "train"))
-        test, _ = streaming.image_folder_split(os.path.join(root, "val"), classes)
+        select = read_class_list(config.class_list) if config.class_list else None
+        train, classes = streaming.image_folder_split(os.path.join(root, "train"), select=select)
+        test, _ = streaming.image_folder_split(os.path.join(root, "val"), classes, select=select)
         return os.path.basename(os.path.normpath(root)), train, test, len(classes)
+    if config.class_list:  # refused before any data is read: no silent use of every class
+        raise data.DataError(
+            f"config.class_list selects class folders of dataset='imagefolder'; it is not "
+            f"applied to dataset={config.dataset!r}. Use an image folder (e.g. ImageNet-100: "
+            f"--config.dataset=imagefolder --config.data_path=ROOT) or class_list=''."
+        )
     if config.dataset in ("synthetic", "npz"):  # resident data, streamed on request
         dataset = data.load_dataset(config)
         train = streaming.array_split("train", dataset.train_images, dataset.train_labels)

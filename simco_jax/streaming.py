@@ -90,9 +90,13 @@ def _list_class_folder(directory: str) -> list[str]:
     return paths
 
 
-def image_folder_split(directory: str, classes: list[str] | None = None) -> tuple[Split, list]:
+def image_folder_split(
+    directory: str, classes: list[str] | None = None, *, select: list[str] | None = None
+) -> tuple[Split, list]:
     """One split of an ImageFolder tree (`directory/<class>/*.JPEG`); labels in sorted class order.
 
+    `select`: only these class folders are used (e.g. ImageNet-100), each of which must exist;
+    `classes`: the classes the split must have (the training split's, for validation).
     Raises DataError for a missing or empty directory and for a class folder without images.
     """
     if not os.path.isdir(directory):
@@ -105,6 +109,15 @@ def image_folder_split(directory: str, classes: list[str] | None = None) -> tupl
         raise data.DataError(
             f"image folder {directory!r} has no class folders; expected {directory}/<class>/*.JPEG."
         )
+    if select is not None:
+        missing = sorted(set(select) - set(found))
+        if missing:
+            raise data.DataError(
+                f"{directory!r} lacks {len(missing)} of the {len(set(select))} classes of "
+                f"config.class_list, e.g. {missing[:_SHOW_FILES]}; every listed class needs a "
+                f"folder in both splits."
+            )
+        found = sorted(set(select))
     if classes is not None and found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise data.DataError(
