@@ -208,6 +208,7 @@ def test_imagenet_smoke_configs_train_through_launch(framework, devices, tmp_pat
             f"--config=configs/{framework}_imagenet.py:smoke",
             f"--workdir={workdir}",
             f"--config.data_path={tmp_path / 'folder'}",
+            "--config.max_unreadable_fraction=0.05",  # the folder holds one truncated JPEG
         ],
         env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
     )
