@@ -243,19 +243,19 @@ def build_full_step(config, images, labels, mesh) -> Runner:
             chunk_size=train_step.steps_per_dispatch(config),
             batch_sharding=parallel.batch_sharded(mesh),
         ),
-        in_shardings=(replicated, replicated, replicated, None),
+        in_shardings=(replicated, replicated, None),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
     stop_at = np.int32(np.iinfo(np.int32).max)  # every step of every chunk runs
     start = time.perf_counter()
-    compiled = chunk.lower(state, images, labels, stop_at).compile()
+    compiled = chunk.lower(state, (images, labels), stop_at).compile()
     compile_s = time.perf_counter() - start
     _progress(f"batch {config.batch_size}: full chunk compiled in {compile_s:.1f} s")
     return Runner(
         compiled,
         state,
-        (images, labels, stop_at),
+        ((images, labels), stop_at),
         compile_s=compile_s,
         chunk_size=train_step.steps_per_dispatch(config),
     )

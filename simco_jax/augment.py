@@ -402,8 +402,8 @@ def _maybe(u, prob: float, transform, image):
     return jnp.where(u < prob, transform(image), image)
 
 
-def _augment_image(key, image, params: AugmentParams):
-    """Steps 1-5 on one float (H, W, 3) image in [0, 1].
+def _augment_image(key, image, params: AugmentParams, crop: bool = True):
+    """Steps 1-5 on one float (H, W, 3) image in [0, 1]; step 1 skipped when `crop` is False.
 
     All of the image's randomness is one vector of uniforms, sliced per op: vmapping one threefry
     call compiles much faster on CPU than a dozen small ones, and draws the same distributions.
@@ -414,9 +414,10 @@ def _augment_image(key, image, params: AugmentParams):
     u_crop, u_jitter = u[:CROP_UNIFORMS], u[CROP_UNIFORMS : CROP_UNIFORMS + JITTER_UNIFORMS]
     u_jitter_apply, u_gray, u_blur, u_sigma, u_solarize, u_flip = u[-6:]
     height, width, _ = image.shape
-    # 1. RandomResizedCrop.
-    top, left, h, w = crop_from_uniforms(u_crop, height, width, params)
-    image = resized_crop(image, top, left, h, w, params.crop_size)
+    # 1. RandomResizedCrop (streamed data arrives cropped; the other draws stay where they are).
+    if crop:
+        top, left, h, w = crop_from_uniforms(u_crop, height, width, params)
+        image = resized_crop(image, top, left, h, w, params.crop_size)
     # 2. ColorJitter, applied with color_jitter_prob.
     order, factors = jitter_from_uniforms(u_jitter, params)
     jitter = lambda x: color_jitter(x, order, factors, params)
@@ -431,17 +432,25 @@ def _augment_image(key, image, params: AugmentParams):
     return _maybe(u_flip, params.horizontal_flip_prob, lambda x: x[:, ::-1, :], image)
 
 
-def augment_view(key, images, params: AugmentParams):
+def augment_view(key, images, params: AugmentParams, crop: bool = True):
     """One augmented view of a uint8 (B, H, W, 3) batch → float32 (B, crop, crop, 3), normalised.
 
     Each image uses its own key (`jax.random.split(key, B)`), so images draw independently.
+    `crop=False`: the images are already RandomResizedCrops of `crop_size` (cropped on the host).
     """
     keys = jax.random.split(key, images.shape[0])
-    views = jax.vmap(lambda k, x: _augment_image(k, x, params))(keys, _to_unit_float(images))
-    return normalize(views, params)
+    augment = lambda k, x: _augment_image(k, x, params, crop)
+    return normalize(jax.vmap(augment)(keys, _to_unit_float(images)), params)
 
 
 def two_views(key, images, params: AugmentParams):
-    """The two views of a batch, each from its own independent key stream."""
+    """The two views of the official recipe, each from its own independent key stream.
+
+    `images` is a uint8 batch to crop here, or a pair of batches of host crops (streamed data:
+    both views cropped from one decode), which then get steps 2-6 only.
+    """
     key1, key2 = jax.random.split(key)
+    if isinstance(images, tuple):
+        view1, view2 = images
+        return augment_view(key1, view1, params, False), augment_view(key2, view2, params, False)
     return augment_view(key1, images, params), augment_view(key2, images, params)

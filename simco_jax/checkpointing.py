@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state, with a compatibility record and corruption fallback.
 
-Each checkpoint holds the state pytree and a small JSON record: the config it was trained with
-and what the data made of it (classes, steps per epoch, a fingerprint of the training set).
+Each checkpoint holds the state pytree, a small JSON record: the config it was trained with
+and what the data made of it (classes, steps per epoch, a fingerprint of the training set), and
+the input stream's position (`inputs`: the next step, the epoch and the batch within it).
 Resuming compares the record first, so a rerun that would change what the saved step or state
 means (another batch size, seed, schedule, model, dataset, ...) fails with one line naming each
 key, instead of a shape error or a silently different run; `RESUMABLE_KEYS` may change. A
@@ -54,6 +55,9 @@ RESUMABLE_KEYS = frozenset(
         "data_path",
         "data_dir",
         "tfds_download",
+        # Streaming: how many threads decode, and how many unreadable files stop the run.
+        "input_threads",
+        "max_unreadable_fraction",
     }
 )
 
@@ -127,9 +131,12 @@ def latest_record(directory: str) -> tuple[int | None, dict | None]:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3):
+    def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3, input_position=None):
+        """`input_position(step) -> dict`: the input stream's position, saved with every step as
+        the `input` item (None: not saved)."""
         self.directory = os.path.abspath(directory)
         self.record = record
+        self.input_position = input_position
         self._failed = False
         # cleanup_tmp_directories: a step whose save was cut short (SIGKILL, a lost host) is a
         # `<step>.orbax-checkpoint-tmp` dir; never restored, but removed so it cannot pile up.
@@ -138,7 +145,7 @@ class Checkpointer:
         )
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "record")
+                self.directory, options=options, item_names=("state", "record", "input")
             )
         except OSError as error:
             raise self._save_error("checkpoints", error) from error
@@ -158,13 +165,10 @@ class Checkpointer:
             raise self._save_error("the previous checkpoint", error) from error
         try:
             self._preflight(step, state)
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record)
-                ),
-                force=True,
-            )
+            items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record))
+            if self.input_position is not None:
+                items["input"] = ocp.args.JsonSave(self.input_position(step))
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:  # noqa: BLE001
             raise self._save_error(f"the checkpoint of step {step}", error) from error
 

@@ -39,6 +39,7 @@ from ml_collections import config_dict
 _DTYPES = ("auto", "float32", "bfloat16")
 _BACKBONES = ("resnet18", "resnet50")
 _LR_SCHEDULE_UNITS = ("epoch", "step")
+_INPUT_MODES = ("auto", "resident", "streaming")
 # The parts of the method seam (tests check them against models, methods and optimizers).
 PROJECTORS = ("mlp", "mlp_bn", "mlp3_bn")
 LOSSES = ("contrastive", "normalized_mse", "negative_cosine")
@@ -51,10 +52,16 @@ def base_config() -> ml_collections.ConfigDict:
     override the four method keys of the module docstring."""
     c = ml_collections.ConfigDict()
 
-    # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, ...), 'npz' (arrays in
-    # `data_path`) or 'synthetic' (generated, learnable; for smoke runs and tests).
+    # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, imagenet2012, ...),
+    # 'npz' (arrays in `data_path`), 'imagefolder' (torchvision's layout: `data_path`/train/<class>/
+    # and `data_path`/val/<class>/) or 'synthetic' (generated, learnable; for smoke runs and tests).
     c.dataset = "cifar100"
     c.data_path = ""
+    # 'resident': the whole train set on every device; 'streaming': each host decodes and crops
+    # its share of every batch; 'auto': streaming for image folders and large tfds datasets.
+    c.input_mode = "auto"
+    c.input_threads = 0  # streaming: host decoding threads per process; 0 = one per CPU core
+    c.max_unreadable_fraction = 0.001  # streaming: more unreadable images than this stops the run
     c.data_dir = ""  # tfds data_dir; '' = tfds default.
     # A text file of class names (WordNet IDs for ImageNet), one a line: only these classes are
     # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt). '' = every class.
@@ -414,6 +421,9 @@ DOMAINS: dict[str, Domain] = {
     "data_dir": TEXT,
     "class_list": TEXT,
     "tfds_download": BOOL,
+    "input_mode": one_of(*_INPUT_MODES),
+    "input_threads": integer(0, 4096),
+    "max_unreadable_fraction": PROBABILITY,
     "synthetic_num_train": integer(1, 10_000_000),
     "synthetic_num_test": integer(1, 10_000_000),
     "synthetic_num_classes": integer(2, 100_000),
@@ -529,6 +539,10 @@ def _cross_key_errors(c, num_devices):
         )
     if c.dataset == "npz" and not c.data_path:
         yield "dataset='npz' needs --config.data_path=/path/to/arrays.npz"
+    if c.dataset == "imagefolder" and not c.data_path:
+        yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
+    if c.dataset == "imagefolder" and c.input_mode == "resident":
+        yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
     yield from _method_and_period_errors(c)
 
 

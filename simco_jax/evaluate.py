@@ -37,14 +37,6 @@ from simco_jax import augment, parallel
 log = logging.getLogger(__name__)
 
 
-def _pad_to_multiple(array: np.ndarray, multiple: int, fill=0) -> np.ndarray:
-    extra = -len(array) % multiple
-    if not extra:
-        return array
-    pad = np.full((extra, *array.shape[1:]), fill, array.dtype)
-    return np.concatenate([array, pad])
-
-
 def topk_correct(scores, labels, ks=(1, 5)):
     """Number of rows whose label is among the top-k scores, for each k; label < 0 is padding."""
     ranked = jnp.argsort(-scores, axis=-1)
@@ -112,18 +104,17 @@ def _no_report(done: int, total: int) -> None:
 
 
 class Evaluator:
-    """Holds the evaluation data on the device and the jitted functions, built once per run."""
+    """The jitted evaluation functions, built once per run, over the evaluation sources of
+    `inputs` (`data.test`, `data.train_eval`: resident arrays or streams, padded with label −1)."""
 
-    def __init__(self, config, model, probe, dataset, mesh):
+    def __init__(self, config, model, probe, data, mesh):
         self.config, self.model, self.probe = config, model, probe
-        self.num_classes = dataset.num_classes
-        self.batch = config.eval_batch_size
+        self.num_classes = data.num_classes
+        self.test, self.train = data.test, data.train_eval
+        self.batch = self.test.batch_size
         self.mesh = mesh
         aug = augment.AugmentParams.from_config(config)
-        # Padding rows carry label -1 and are never counted.
-        self.test = self._to_device(dataset.test_images, dataset.test_labels)
-        self.train = self._to_device(dataset.train_images, dataset.train_labels)
-        self.num_test = len(dataset.test_labels)
+        self.num_test = self.test.num_examples
         batch_sharding = (
             parallel.batch_sharded(mesh)
             if self.batch % mesh.size == 0
@@ -186,14 +177,6 @@ class Evaluator:
         self._knn_counts = jax.jit(knn_counts, out_shardings=replicated)
         self._knn_compiled = None  # compiled at the first kNN evaluation, memory logged then
 
-    def _to_device(self, images, labels):
-        images = _pad_to_multiple(images, self.batch)
-        labels = _pad_to_multiple(labels.astype(np.int32), self.batch, fill=-1)
-        return parallel.put_replicated((images, labels), self.mesh)
-
-    def _starts(self, images):
-        return [np.int32(i) for i in range(0, images.shape[0], self.batch)]
-
     def probe_accuracy(self, state, report=_no_report) -> dict:
         """{'probe_top1', 'probe_top5'}: the online probe on the test set, in %."""
         return {f"probe_{k}": v for k, v in self.probe_topk(state, report).items()}
@@ -202,37 +185,42 @@ class Evaluator:
         """{'knn_top1', 'knn_top5'}: the kNN monitor on the test set, in %."""
         return {f"knn_{k}": v for k, v in self.knn_topk(state, report).items()}
 
-    def features(self, state, images) -> jax.Array:
-        """Clean features of `images` (a padded device array of this evaluator), replicated."""
+    def features(self, state, source) -> jax.Array:
+        """Clean features of an evaluation source (`self.test`, `self.train`), padding rows
+        included, replicated."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return jnp.concatenate([self._features(variables, images, s) for s in self._starts(images)])
+        return jnp.concatenate(
+            [self._features(variables, images, start) for images, _, start in source.batches()]
+        )
 
     def probe_topk(self, state, report=_no_report) -> dict:
         """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        images, labels = self.test
-        starts = self._starts(images)
-        report(0, len(starts))
+        report(0, self.test.num_batches)
         totals = {"top1": 0, "top5": 0}
-        for done, start in enumerate(starts, 1):
+        for done, (images, labels, start) in enumerate(self.test.batches(), 1):
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
-            report(done, len(starts))
+            report(done, self.test.num_batches)
         return {k: 100.0 * v / self.num_test for k, v in totals.items()}
 
-    def knn_bank(self, state, batch_done=lambda result: None):
-        """The normalised clean features and labels of the training set, rows sharded."""
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        images, labels = self.train
-        starts = self._starts(images)
-        dim = jax.eval_shape(self._features, variables, images, starts[0]).shape[-1]
-        shape = (len(starts), self.bank_rows)
-        bank = jax.jit(
+    def _empty_bank(self, dim: int):
+        shape = (self.train.num_batches, self.bank_rows)
+        return jax.jit(
             lambda: (jnp.zeros((*shape, dim), self.bank_dtype), jnp.full(shape, -1, jnp.int32)),
             out_shardings=self._bank_sharding,
         )()
-        for index, start in enumerate(starts):
+
+    def knn_bank(self, state, batch_done=lambda result: None):
+        """The normalised clean features and labels of the training split, rows sharded."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        bank = None
+        for index, (images, labels, start) in enumerate(self.train.batches()):
+            if bank is None:  # sized from the first batch's features
+                bank = self._empty_bank(
+                    jax.eval_shape(self._features, variables, images, start).shape[-1]
+                )
             bank = self._add_to_bank(bank, np.int32(index), variables, images, labels, start)
             batch_done(bank)
         return bank
@@ -241,9 +229,7 @@ class Evaluator:
         """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (the training
         set's feature bank, then the test set's features and scores)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        images, labels = self.test
-        test_starts = self._starts(images)
-        total = len(self._starts(self.train[0])) + len(test_starts)
+        total = self.train.num_batches + self.test.num_batches
         done = 0
         report(done, total)
 
@@ -256,7 +242,7 @@ class Evaluator:
 
         bank_feats, bank_labels = self.knn_bank(state, batch_done)
         totals = {"top1": 0, "top5": 0}
-        for start in test_starts:
+        for images, labels, start in self.test.batches():
             test_feats = self._features(variables, images, start)
             args = (bank_feats, bank_labels, test_feats, labels, start)
             if self._knn_compiled is None:
@@ -295,9 +281,9 @@ class Context(NamedTuple):
 
     config: Any
     comps: Any  # train_step.Components: model, probe, method ...
-    dataset: Any  # data.Dataset (host arrays)
+    inputs: Any  # inputs.Inputs: the run's training input and evaluation sources
     mesh: Any
-    data: Evaluator  # the test/train images on the device and the jitted feature function
+    data: Evaluator  # the evaluation sources and the jitted feature function
 
 
 class ProbeEvaluator:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -26,8 +27,8 @@ import orbax.checkpoint as ocp
 from simco_jax import (
     augment,
     checkpointing,
-    data,
     evaluate,
+    inputs,
     models,
     parallel,
     progress,
@@ -176,12 +177,16 @@ def linear_schedule(config, total_steps: int):
 
 
 def _train_linear(
-    config, run: RestoredRun, dataset, evaluator, workdir: str, *, knn_follows: bool = False
+    config, run: RestoredRun, data, evaluator, workdir: str, *, knn_follows: bool = False
 ) -> dict:
-    """Trains a fresh linear classifier on frozen features; returns top-1/top-5 and a summary."""
+    """Trains a fresh linear classifier on frozen features; returns top-1/top-5 and a summary.
+
+    `data` (from `inputs.create` at the linear batch size, scale and seed) feeds the steps:
+    resident rows gathered and cropped on the device, or streamed host crops (view 1).
+    """
     mesh, model = run.mesh, run.comps.model
     batch = config.linear_batch_size
-    num_train = len(dataset.train_labels)
+    num_train = data.num_train
     steps_per_epoch = num_train // batch
     if steps_per_epoch == 0:
         raise config_lib.ConfigError(
@@ -203,13 +208,12 @@ def _train_linear(
         mean=aug.mean,
         std=aug.std,
     )
-    classifier = models.LinearProbe(dataset.num_classes)
+    classifier = models.LinearProbe(data.num_classes)
     tx = optax.chain(
         optax.add_decayed_weights(config.linear_weight_decay),
         optax.sgd(linear_schedule(config, schedule_steps), momentum=config.linear_momentum),
     )
     replicated = parallel.replicated(mesh)
-    batch_sharding = parallel.batch_sharded(mesh) if batch % mesh.size == 0 else replicated
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     feature_dim = models.feature_dim(run.config.backbone, run.config.backbone_width)
     rng = jax.random.PRNGKey(config.seed)
@@ -218,22 +222,19 @@ def _train_linear(
         out_shardings=replicated,
     )()
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-    images, labels = parallel.put_replicated(
-        (dataset.train_images, dataset.train_labels.astype(np.int32)), mesh
-    )
 
-    def step_fn(params, opt_state, step, variables, images, labels):
-        indices = train_step.epoch_batch_indices(
-            rng, step // steps_per_epoch, num_train, steps_per_epoch, batch
-        )[step % steps_per_epoch]
-        indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-        views = augment.augment_view(jax.random.fold_in(rng, step), images[indices], aug)
+    def step_fn(params, opt_state, step, variables, batch_data):
+        # The resident order is drawn from this rng, as the pretraining's from its state's.
+        order = types.SimpleNamespace(step=step, rng=rng)
+        images, targets = data.train.select(order, batch_data, 0)
+        crop = not isinstance(images, tuple)  # streamed: two host crops, the first one serves
+        images = images if crop else images[0]
+        views = augment.augment_view(jax.random.fold_in(rng, step), images, aug, crop)
         features, _ = model.apply(variables, views, train=False)  # frozen, inference-mode BN
         features = jax.lax.stop_gradient(features.astype(jnp.float32))
 
         def loss_fn(p):
             logits = classifier.apply({"params": p}, features)
-            targets = labels[indices]
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
             return ce, jnp.mean(jnp.argmax(logits, -1) == targets)
 
@@ -243,7 +244,7 @@ def _train_linear(
 
     step_jit = jax.jit(
         step_fn,
-        in_shardings=(replicated,) * 6,
+        in_shardings=(replicated,) * 4 + (data.train.sharding,),
         out_shardings=(replicated,) * 4,
         donate_argnums=(0, 1),
     )
@@ -255,7 +256,7 @@ def _train_linear(
     )
     losses, accuracies = [], []
     shown = ""  # the last logged loss and accuracy
-    knn_images = len(dataset.train_labels) + len(dataset.test_labels) if knn_follows else 0
+    knn_images = data.num_train + data.test.num_examples if knn_follows else 0
 
     def status(done):
         """ETA: the steps left at the measured rate (compile left out), plus the test-set
@@ -264,14 +265,14 @@ def _train_linear(
         per_s, epoch = rate.per_s, f"epoch {done / steps_per_epoch:.2f}/{config.linear_epochs}"
         if per_s is None:
             return f"{epoch} | ? img/s | ETA ?{shown}"
-        images_left = len(dataset.test_labels) + knn_images
+        images_left = data.test.num_examples + knn_images
         eta = (total_steps - done) / per_s + images_left / (per_s * batch)
         return f"{epoch} | {per_s * batch:.1f} img/s | ETA {progress.format_eta(eta)}{shown}"
 
     try:
         for step in range(total_steps):
             params, opt_state, loss, accuracy = step_jit(
-                params, opt_state, np.int32(step), variables, images, labels
+                params, opt_state, np.int32(step), variables, data.train.batches(step)
             )
             if losses:  # the display follows the step before: one stays queued on the device
                 jax.block_until_ready(losses[-1])
@@ -342,22 +343,32 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn_temperature=config.knn_temperature,
         eval_batch_size=config.eval_batch_size,
     )
-    dataset = data.load_dataset(run.config)
+    # The linear classifier's input: its own batch size, crop scale, epochs and order seed (the
+    # run's seed stays: synthetic data is generated from it).
+    input_config = ml_collections.ConfigDict(eval_config.to_dict())
+    input_config.update(
+        batch_size=config.linear_batch_size,
+        min_scale=config.linear_min_scale,
+        max_scale=1.0,
+        max_epochs=config.linear_epochs,
+        max_steps=config.linear_max_steps,
+    )
+    data = inputs.create(input_config, run.mesh, order_seed=config.seed)
     evaluator = evaluate.Evaluator(
-        eval_config, run.comps.model, models.LinearProbe(dataset.num_classes), dataset, run.mesh
+        eval_config, run.comps.model, models.LinearProbe(data.num_classes), data, run.mesh
     )
     common = {
         "pretrained": os.path.abspath(config.pretrained),
         "pretrained_step": run.step,
-        "dataset": dataset.name,
+        "dataset": data.name,
         "device": _device_description(),
     }
-    log.info("evaluating %s at step %d on %s", config.pretrained, run.step, dataset.name)
+    log.info("evaluating %s at step %d on %s", config.pretrained, run.step, data.name)
     results = {}
     if config.mode in ("linear", "both"):
         start = time.perf_counter()
         linear = _train_linear(
-            config, run, dataset, evaluator, workdir, knn_follows=config.mode == "both"
+            config, run, data, evaluator, workdir, knn_follows=config.mode == "both"
         )
         linear.update(common, wall_s=time.perf_counter() - start)
         _write_json(linear, config.pretrained, workdir, name="linear_eval.json")
@@ -373,7 +384,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn = {
             "top1": knn["knn_top1"],
             "top5": knn["knn_top5"],
-            "k": min(config.knn_k, len(dataset.train_labels)),
+            "k": min(config.knn_k, data.num_train),
             "temperature": config.knn_temperature,
             **common,
             "wall_s": time.perf_counter() - start,
@@ -381,4 +392,5 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         _write_json(knn, config.pretrained, workdir, name="knn_eval.json")
         log.info("kNN eval: top-1 %.2f top-5 %.2f", knn["top1"], knn["top5"])
         results["knn"] = knn
+    data.close()
     return results

@@ -1,8 +1,8 @@
 """The trainer: `train_and_evaluate(config, workdir)`, read top to bottom.
 
-Sections: checks → mesh → data on the device → state (fresh or resumed) → jitted chunk of steps →
-loop with logging, evaluation, checkpoints, preemption and NaN guards. `launch.py` only parses
-flags and calls this; tests and notebooks call it too.
+Sections: checks → mesh → inputs (resident or streaming) → state (fresh or resumed) → jitted
+chunk of steps → loop with logging, evaluation, checkpoints, preemption and NaN guards.
+`launch.py` only parses flags and calls this; tests and notebooks call it too.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 
 from simco_jax import (
     checkpointing,
-    data,
     evaluate,
+    inputs,
     memory,
     parallel,
     progress,
@@ -146,32 +146,31 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
             if saved_step >= total:
                 return _finished_summary(workdir, saved_step, total)
 
-    # ---------------------------------------------------------------- mesh and data
+    # ---------------------------------------------------------------- mesh and inputs
     mesh = parallel.make_mesh()
-    dataset = data.load_dataset(config)
+    data = inputs.create(config, mesh)  # resident arrays or a per-process stream: see `inputs`
     # An analytic estimate: a batch too large for the device fails here, not after compiling.
-    memory.check_fits(config, dataset.num_classes, jax.device_count())
-    steps_per_epoch = len(dataset.train_labels) // config.batch_size
+    memory.check_fits(config, data.num_classes, jax.device_count())
+    steps_per_epoch = data.num_train // config.batch_size
     total_steps = _total_steps(config, steps_per_epoch)
-    train_images, train_labels = parallel.put_replicated(
-        (dataset.train_images, dataset.train_labels.astype(np.int32)), mesh
-    )
 
     # ---------------------------------------------------------------- model, optimizer, state
-    comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
+    comps = train_step.build_components(config, data.num_classes, steps_per_epoch)
     replicated = parallel.replicated(mesh)
     init = jax.jit(
-        lambda: train_step.create_train_state(config, comps, dataset.train_images.shape[1:]),
+        lambda: train_step.create_train_state(config, comps, data.image_shape),
         out_shardings=replicated,
     )
     state = init()
     record = checkpointing.compatibility_record(
         config,
-        num_classes=dataset.num_classes,
+        num_classes=data.num_classes,
         steps_per_epoch=steps_per_epoch,
-        train_data=checkpointing.data_identity(dataset.train_images, dataset.train_labels),
+        train_data=data.identity,
     )
-    ckpt = checkpointing.Checkpointer(ckpt_dir, record, max_to_keep=config.keep_checkpoints)
+    ckpt = checkpointing.Checkpointer(
+        ckpt_dir, record, max_to_keep=config.keep_checkpoints, input_position=data.train.position
+    )
     try:
         restored = ckpt.restore_latest(state)
     except checkpointing.CheckpointError:
@@ -184,11 +183,12 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         workdir_lib.write_config(workdir, config, start_step)
     if main:
         log.info(
-            "%s: %d train / %d test images, %d classes; %d steps per epoch on %d devices; %s",
-            dataset.name,
-            len(dataset.train_labels),
-            len(dataset.test_labels),
-            dataset.num_classes,
+            "%s (%s): %d train / %d test images, %d classes; %d steps per epoch on %d devices; %s",
+            data.name,
+            data.mode,
+            data.num_train,
+            data.test.num_examples,
+            data.num_classes,
             steps_per_epoch,
             jax.device_count(),
             f"resumed at step {start_step}" if start_step else "fresh start",
@@ -196,24 +196,25 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
 
     # ---------------------------------------------------------------- jitted chunk of steps
     step_fn = train_step.make_train_step(config, comps)
-    dispatch_steps = train_step.steps_per_dispatch(config)  # 1 on CPU: see its docstring
+    # 1 on CPU (see steps_per_dispatch) and when streaming (one host batch per step).
+    dispatch_steps = train_step.steps_per_dispatch(config) if data.train.fuses_steps else 1
     chunk = jax.jit(
         train_step.make_train_chunk(
             config,
             comps,
             step_fn,
             chunk_size=dispatch_steps,
-            batch_sharding=parallel.batch_sharded(mesh),
+            select=data.train.select,
         ),
-        in_shardings=(replicated, replicated, replicated, None),
+        in_shardings=(replicated, data.train.sharding, None),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
 
     # ---------------------------------------------------------------- evaluators and periods
-    eval_data = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
-    context = evaluate.Context(config, comps, dataset, mesh, eval_data)
+    eval_data = evaluate.Evaluator(config, comps.model, comps.probe, data, mesh)
+    context = evaluate.Context(config, comps, data, mesh, eval_data)
     evaluators = evaluate.make_evaluators(config, context)
     eval_every = config_lib.eval_periods(config, steps_per_epoch)  # name -> steps (<= 0: never)
     log_every = config_lib.period_steps(config, "log_every", steps_per_epoch)
@@ -229,8 +230,8 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         total_steps=total_steps,
         start_step=start_step,
         steps_per_epoch=steps_per_epoch,
-        num_train=len(dataset.train_labels),
-        num_test=len(dataset.test_labels),
+        num_train=data.num_train,
+        num_test=data.test.num_examples,
         enabled=main,
     )
     in_flight = None  # (step, metrics) of the newest chunk, which the display does not wait for
@@ -282,7 +283,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
                 *(p for p in eval_every.values() if p > 0),
             ]
             stop_at = min(total_steps, *(next_multiple(step, p) for p in periods))
-            state, metrics = chunk(state, train_images, train_labels, np.int32(stop_at))
+            state, metrics = chunk(state, data.train.batches(step), np.int32(stop_at))
             pending.append(metrics)
             step = min(step + dispatch_steps, stop_at)
             if in_flight is not None:  # the display follows the chunk before, one stays queued
@@ -337,6 +338,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
                 break
         summary["step"] = step
     finally:
+        data.close()
         display.close()
         ckpt.close()
         writer.close()

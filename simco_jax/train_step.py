@@ -216,44 +216,62 @@ def steps_per_dispatch(config) -> int:
     return 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
 
 
+def gather_batch(state: TrainState, data, *, steps_per_epoch: int, batch: int, batch_sharding=None):
+    """The resident step's batch: rows of the on-device training set `data` = (images, labels)
+    at this step's slot of its epoch's order (`epoch_batch_indices`)."""
+    images, labels = data
+    epoch = state.step // steps_per_epoch
+    indices = epoch_batch_indices(state.rng, epoch, images.shape[0], steps_per_epoch, batch)[
+        state.step % steps_per_epoch
+    ]
+    if batch_sharding is not None:
+        indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
+    return images[indices], labels[indices]
+
+
 def make_train_chunk(
-    config, comps: Components, train_step, *, chunk_size: int, batch_sharding=None
+    config, comps: Components, train_step, *, chunk_size: int, batch_sharding=None, select=None
 ):
     """Fuses `chunk_size` steps into one lax.scan; steps at or past `stop_at` are skipped.
+
+    `chunk(state, data, stop_at)`: `select(state, data, i)` gives the i-th step's (images, labels)
+    from the chunk's `data` (see `inputs`); by default `data` is the resident training set and
+    `gather_batch` picks the step's rows.
 
     The skip keeps one compiled function for every chunk of the run (epoch ends, the last steps),
     so the host dispatches once per chunk and never recompiles. `chunk_size` 1 (the CPU choice of
     `steps_per_dispatch`) is one step with neither loop nor cond around it; a select discards it
     past `stop_at`.
     """
-    steps_per_epoch, batch = comps.steps_per_epoch, config.batch_size
+    if select is None:
+        gather = dict(
+            steps_per_epoch=comps.steps_per_epoch,
+            batch=config.batch_size,
+            batch_sharding=batch_sharding,
+        )
+        select = lambda state, data, i: gather_batch(state, data, **gather)
 
-    def chunk(state: TrainState, train_images, train_labels, stop_at):
-        def run(state):
-            epoch = state.step // steps_per_epoch
-            indices = epoch_batch_indices(
-                state.rng, epoch, train_images.shape[0], steps_per_epoch, batch
-            )[state.step % steps_per_epoch]
-            if batch_sharding is not None:
-                indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-            new_state, metrics = train_step(state, train_images[indices], train_labels[indices])
+    def chunk(state: TrainState, data, stop_at):
+        def run(state, i):
+            images, labels = select(state, data, i)
+            new_state, metrics = train_step(state, images, labels)
             return new_state, dict(metrics, active=jnp.ones((), jnp.bool_))
 
-        def skip(state):
-            _, metrics = jax.eval_shape(run, state)
+        def skip(state, i):
+            _, metrics = jax.eval_shape(run, state, i)
             zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
             return state, zeros
 
         if chunk_size == 1:
             active = state.step < stop_at
-            new_state, metrics = run(state)
+            new_state, metrics = run(state, 0)
             keep = lambda new, old: jnp.where(active, new, old)
             metrics = {k: keep(m, jnp.zeros_like(m))[None] for k, m in metrics.items()}
             return jax.tree.map(keep, new_state, state), metrics
 
-        def body(state, _):
-            return jax.lax.cond(state.step < stop_at, run, skip, state)
+        def body(state, i):
+            return jax.lax.cond(state.step < stop_at, run, skip, state, i)
 
-        return jax.lax.scan(body, state, None, length=chunk_size)
+        return jax.lax.scan(body, state, jnp.arange(chunk_size))
 
     return chunk

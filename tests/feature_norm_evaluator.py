@@ -11,9 +11,8 @@ import jax.numpy as jnp
 
 class Evaluator:
     def __init__(self, context, entry):
-        self.data = context.data  # the test images already on the device, and their features
-        self.num_test = len(context.dataset.test_labels)
+        self.data = context.data  # the evaluation sources and their features
 
     def run(self, state, report) -> dict:  # report(done, total) could drive a progress bar
-        features = self.data.features(state, self.data.test[0])[: self.num_test]
+        features = self.data.features(state, self.data.test)[: self.data.num_test]
         return {"mean": float(jnp.mean(jnp.linalg.norm(features, axis=-1)))}

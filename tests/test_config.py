@@ -66,6 +66,12 @@ def test_unknown_variant_is_named():
         (dict(bn_groups=3), 1, "bn_groups=3 must divide batch_size=32 into sub-batches of at"),
         (dict(negative_groups=32), 1, "negative_groups=32 must divide batch_size=32 into sub-b"),
         (dict(dataset="npz", data_path=""), 1, "needs --config.data_path"),
+        (dict(dataset="imagefolder", data_path=""), 1, "needs --config.data_path=ROOT"),
+        (
+            dict(dataset="imagefolder", data_path="/data", input_mode="resident"),
+            1,
+            "streams from disk; use input_mode='auto' or 'streaming'",
+        ),
     ],
 )
 def test_bad_settings_fail_with_a_message(overrides, num_devices, message):
@@ -90,6 +96,9 @@ BAD_VALUES = {
     "data_dir": [1.0],
     "class_list": [3],
     "tfds_download": ["yes", 1],
+    "input_mode": ["stream", ""],
+    "input_threads": [-1, 1.5],
+    "max_unreadable_fraction": [-0.1, 1.5, math.nan],
     "synthetic_num_train": [0, 10**9],
     "synthetic_num_test": [0],
     "synthetic_num_classes": [1],

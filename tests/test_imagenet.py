@@ -4,6 +4,7 @@ and the memory check that runs before compiling."""
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import re
 
@@ -151,3 +152,68 @@ def test_a_batch_too_large_for_the_device_fails_before_compiling(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="largest per-device batch that fits is"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+# --------------------------------------------------------------------------------------------
+# Through the streaming input: ImageNet-100 selects its classes, the smoke variants train.
+
+
+def _tiny_jpeg(path, value):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (12, 10), (value, 255 - value, 90)).save(path, "JPEG")
+
+
+def test_imagenet100_selects_exactly_the_listed_classes(tmp_path):
+    from simco_jax import inputs
+
+    with open(CLASS_LIST) as f:
+        listed = [line.strip() for line in f if line.strip()]
+    extra = ["n00000001", "n99999999"]  # in the folder, not in the list: left out
+    for split in ("train", "val"):
+        for i, wnid in enumerate(sorted(listed + extra)):
+            _tiny_jpeg(os.path.join(tmp_path, split, wnid, f"{wnid}_0.JPEG"), i % 256)
+    config = imagenet_config("simco", "imagenet100,smoke", data_path=str(tmp_path))
+    config_lib.validate(config)
+    _, train, test, num_classes = inputs.open_splits(config)
+    assert num_classes == 100 and len(train) == len(test) == 100
+    wnids = [os.path.basename(os.path.dirname(train.paths[i])) for i in range(len(train))]
+    assert wnids == sorted(listed)  # labels in sorted class order, as torchvision's
+    assert [train.load(i)[1] for i in range(len(train))] == list(range(100))
+    assert [os.path.basename(os.path.dirname(p)) for p in test.paths] == sorted(listed)
+    # A listed class without a folder is named; the list is refused for a non-folder dataset.
+    os.rename(os.path.join(tmp_path, "val", listed[0]), os.path.join(tmp_path, "val_x"))
+    with pytest.raises(inputs.data.DataError, match=f"lacks 1 of the 100 classes.*{listed[0]}"):
+        inputs.open_splits(config)
+    with pytest.raises(inputs.data.DataError, match="class_list selects class folders"):
+        inputs.create(imagenet_config("simco", "imagenet100"), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "framework, devices", [("simco", 1), ("simmoco", 1), ("mocov2", 1), ("simco", 8)]
+)
+def test_imagenet_smoke_configs_train_through_launch(framework, devices, tmp_path):
+    from helpers import run_python
+    from test_streaming import make_image_folder
+
+    from simco_jax import writers
+
+    make_image_folder(str(tmp_path / "folder"))
+    workdir = tmp_path / "run"
+    run_python(
+        [
+            "launch.py",
+            f"--config=configs/{framework}_imagenet.py:smoke",
+            f"--workdir={workdir}",
+            f"--config.data_path={tmp_path / 'folder'}",
+            "--config.max_unreadable_fraction=0.05",  # the folder holds one truncated JPEG
+        ],
+        env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+    )
+    records = writers.read_metrics(str(workdir))
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses and all(map(math.isfinite, losses))
+    assert records[-1]["step"] == 6  # 100 images / batch 32 = 3 steps × 2 epochs, streamed
+    assert "probe_top1" in records[-1]

@@ -69,7 +69,7 @@ def _evaluator_knn(eval_batch_size, bank_dtype="float32"):
     import jax
     from helpers import framework_config
 
-    from simco_jax import data, evaluate, parallel, train_step
+    from simco_jax import data, evaluate, inputs, parallel, train_step
 
     config = framework_config(
         "simco", eval_batch_size=eval_batch_size, knn_k=10, knn_bank_dtype=bank_dtype
@@ -78,7 +78,9 @@ def _evaluator_knn(eval_batch_size, bank_dtype="float32"):
     comps = train_step.build_components(config, dataset.num_classes, 8)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
     mesh = parallel.make_mesh()
-    evaluator = evaluate.Evaluator(config, comps.model, comps.probe, dataset, mesh)
+    evaluator = evaluate.Evaluator(
+        config, comps.model, comps.probe, inputs.create(config, mesh), mesh
+    )
     ours = evaluator.knn_accuracy(state)
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -1,0 +1,411 @@
+"""The input seam: where the trainer's and the evaluators' batches come from.
+
+`create(config, mesh)` returns an `Inputs` with a training input and two evaluation sources, in one
+of two modes (`config.input_mode`; 'auto' picks by the dataset's size):
+
+* **resident** (CIFAR, STL-10, SVHN, npz, synthetic): the whole training set lives replicated on
+  every device as uint8; the jitted step gathers its batch by index from the epoch's order
+  (`train_step.epoch_batch_indices`) and augments it, crop included, on the device.
+* **streaming** (an image folder, ImageNet through tfds, anything over RESIDENT_MAX_BYTES): each
+  process decodes and crops its own share of every global batch on the host (`streaming`), and
+  the global batch is assembled from the processes' shares with
+  `jax.make_array_from_process_local_data`; the device does the rest of the augmentation.
+
+The training input's interface is what the train loop uses: `batches(step)` gives the device data
+of the chunk starting at `step`, `select(state, data, i)` (traced inside the jitted chunk) the
+images and labels of its i-th step, `position(step)` what the checkpoint records about the stream.
+An evaluation source's `batches()` yields (images, labels, start): the eval batch is
+`dynamic_slice(images, start, batch)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from simco_jax import checkpointing, data, parallel, streaming, train_step
+
+log = logging.getLogger(__name__)
+
+# 'auto' streams a dataset whose decoded training images exceed this (each device holds a copy
+# in resident mode), and any dataset whose images differ in size.
+RESIDENT_MAX_BYTES = 2 * 2**30
+
+
+class Inputs(NamedTuple):
+    name: str
+    mode: str  # 'resident' | 'streaming'
+    num_classes: int
+    num_train: int
+    train: Any  # ResidentTrain | StreamingTrain
+    test: Any  # ResidentEval | StreamingEval: the test (or validation) split
+    train_eval: Any  # the training split with the evaluation transform (kNN monitor)
+    image_shape: tuple  # (H, W, C) the network's input is made from
+    identity: str  # a fingerprint of the training set, for the checkpoint's record
+
+    def close(self):
+        self.train.close()
+
+
+def resolve_mode(config) -> str:
+    """'resident' or 'streaming': `config.input_mode`, or by the dataset's size when 'auto'."""
+    if config.input_mode != "auto":
+        return config.input_mode
+    if config.dataset == "imagefolder":
+        return "streaming"
+    if config.dataset in ("synthetic", "npz"):
+        return "resident"
+    return "streaming" if _tfds_is_large(config) else "resident"
+
+
+def _tfds_is_large(config) -> bool:
+    """Whether a tfds dataset's images vary in size or exceed RESIDENT_MAX_BYTES decoded."""
+    try:
+        import tensorflow_datasets as tfds
+
+        info = tfds.builder(config.dataset, data_dir=config.data_dir or None).info
+        shape = info.features["image"].shape
+        if None in shape:
+            return True
+        examples = info.splits["train"].num_examples if "train" in info.splits else 0
+        return examples * math.prod(shape) > RESIDENT_MAX_BYTES
+    except Exception:  # noqa: BLE001 - unknown or unprepared: data.load_tfds says what is wrong
+        return False
+
+
+def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
+    """The run's inputs in the mode `resolve_mode` picks; data errors are raised here, before
+    anything compiles. `order_seed`: the seed of a streamed order and crops (default
+    `config.seed`; the resident order comes from the train state's key)."""
+    if resolve_mode(config) == "resident":
+        if config.class_list:
+            raise data.DataError(
+                "config.class_list selects class folders of dataset='imagefolder'; it is not "
+                f"applied to dataset={config.dataset!r}: set class_list=''."
+            )
+        dataset = data.load_dataset(config)
+        batch = config.eval_batch_size
+        return Inputs(
+            name=dataset.name,
+            mode="resident",
+            num_classes=dataset.num_classes,
+            num_train=len(dataset.train_labels),
+            train=ResidentTrain(config, dataset, mesh),
+            test=ResidentEval(dataset.test_images, dataset.test_labels, batch, mesh),
+            train_eval=ResidentEval(dataset.train_images, dataset.train_labels, batch, mesh),
+            image_shape=dataset.image_shape,
+            identity=checkpointing.data_identity(dataset.train_images, dataset.train_labels),
+        )
+    name, train_split, test_split, num_classes = open_splits(config)
+    if len(train_split) < config.batch_size:
+        raise data.DataError(
+            f"{train_split.name}: {len(train_split)} training images are fewer than one batch "
+            f"(batch_size={config.batch_size})."
+        )
+    threads = config.input_threads or os.cpu_count() or 1
+    # Eval batches split evenly over the devices: eval_batch_size rounded up to a multiple.
+    eval_batch = -(-config.eval_batch_size // mesh.size) * mesh.size
+
+    def eval_source(split):
+        return StreamingEval(split, config, eval_batch, mesh, threads)
+
+    return Inputs(
+        name=name,
+        mode="streaming",
+        num_classes=num_classes,
+        num_train=len(train_split),
+        train=StreamingTrain(config, train_split, mesh, threads, seed=order_seed),
+        test=eval_source(test_split),
+        train_eval=eval_source(train_split),
+        image_shape=(config.crop_size, config.crop_size, 3),
+        identity=_split_identity(train_split),
+    )
+
+
+def _split_identity(split: streaming.Split) -> str:
+    """Size and a CRC of the file list relative to the root (a moved folder stays the same), or
+    of the source's name where there are no files."""
+    names = [os.path.relpath(p, split.name) for p in split.paths] or [split.name]
+    crc = zlib.crc32("\n".join(names).encode())
+    return f"{len(split)} images, crc32 {crc:08x} of their names"
+
+
+def read_class_list(path: str) -> list[str]:
+    """The class names of a class-list file (one per line; blank lines and '#' comments skipped)."""
+    try:
+        with open(os.path.expanduser(path)) as f:
+            names = [line.split("#")[0].strip() for line in f]
+    except OSError as error:
+        raise data.DataError(f"cannot read config.class_list={path!r} ({error.strerror})") from None
+    names = [n for n in names if n]
+    if not names or len(set(names)) != len(names):
+        raise data.DataError(f"config.class_list={path!r} must list distinct class names")
+    return names
+
+
+def open_splits(config):
+    """(name, train split, test split, num_classes) of a streamed dataset."""
+    if config.dataset == "imagefolder":
+        root = os.path.expanduser(config.data_path)
+        select = read_class_list(config.class_list) if config.class_list else None
+        train, classes = streaming.image_folder_split(os.path.join(root, "train"), select=select)
+        test, _ = streaming.image_folder_split(os.path.join(root, "val"), classes, select=select)
+        return os.path.basename(os.path.normpath(root)), train, test, len(classes)
+    if config.class_list:  # refused before any data is read: no silent use of every class
+        raise data.DataError(
+            f"config.class_list selects class folders of dataset='imagefolder'; it is not "
+            f"applied to dataset={config.dataset!r}. Use an image folder (e.g. ImageNet-100: "
+            f"--config.dataset=imagefolder --config.data_path=ROOT) or class_list=''."
+        )
+    if config.dataset in ("synthetic", "npz"):  # resident data, streamed on request
+        dataset = data.load_dataset(config)
+        train = streaming.array_split("train", dataset.train_images, dataset.train_labels)
+        test = streaming.array_split("test", dataset.test_images, dataset.test_labels)
+        return dataset.name, train, test, dataset.num_classes
+    import tensorflow_datasets as tfds
+
+    data_dir = config.data_dir or None
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise data.DataError(
+            f"tfds dataset {config.dataset!r} is not prepared in {builder.data_dir!r}. Streaming "
+            f"reads ArrayRecord files: `tfds build {config.dataset} --data_dir=DIR "
+            f"--file_format=array_record` (imagenet2012: add --manual_dir=DIR_WITH_THE_TARS), "
+            f"then pass --config.data_dir=DIR."
+        )
+    eval_split = "validation" if "validation" in builder.info.splits else "test"
+    train = streaming.tfds_split(config.dataset, "train", data_dir)
+    test = streaming.tfds_split(config.dataset, eval_split, data_dir)
+    return config.dataset, train, test, builder.info.features["label"].num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Resident.
+# ----------------------------------------------------------------------------------------------
+
+
+class ResidentTrain:
+    """The whole training set replicated on the devices; batches gathered inside the chunk."""
+
+    fuses_steps = True  # the chunk can scan several steps: all their data is on the device
+
+    def __init__(self, config, dataset, mesh):
+        self.dataset = dataset
+        self.batch = config.batch_size
+        self.seed = config.seed
+        self.num_examples = len(dataset.train_labels)
+        self.steps_per_epoch = self.num_examples // self.batch
+        self.sharding = parallel.replicated(mesh)
+        divisible = self.batch % mesh.size == 0  # always in training; maybe not in linear eval
+        self.batch_sharding = parallel.batch_sharded(mesh) if divisible else self.sharding
+        self.data = parallel.put_replicated(
+            (dataset.train_images, dataset.train_labels.astype(np.int32)), mesh
+        )
+
+    def batches(self, step: int):
+        del step  # every chunk reads the same arrays
+        return self.data
+
+    def select(self, state, data, i):
+        del i  # the step's rows follow from state.step
+        return train_step.gather_batch(
+            state,
+            data,
+            steps_per_epoch=self.steps_per_epoch,
+            batch=self.batch,
+            batch_sharding=self.batch_sharding,
+        )
+
+    def position(self, step: int) -> dict:
+        return _position("resident", step, self.num_examples, self.batch, self.seed)
+
+    def close(self):
+        pass
+
+
+class ResidentEval:
+    """An evaluation split, padded to whole batches (label −1) and replicated on the devices."""
+
+    def __init__(self, images, labels, batch: int, mesh):
+        self.batch_size = batch
+        self.num_examples = len(labels)
+        images = _pad_to_multiple(images, batch)
+        labels = _pad_to_multiple(labels.astype(np.int32), batch, fill=-1)
+        self.images, self.labels = parallel.put_replicated((images, labels), mesh)
+        self.num_batches = self.images.shape[0] // batch
+
+    def batches(self):
+        for start in range(0, self.images.shape[0], self.batch_size):
+            yield self.images, self.labels, np.int32(start)
+
+
+def _pad_to_multiple(array: np.ndarray, multiple: int, fill=0) -> np.ndarray:
+    extra = -len(array) % multiple
+    if not extra:
+        return array
+    pad = np.full((extra, *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, pad])
+
+
+def _position(order: str, step: int, num_examples: int, batch: int, seed: int) -> dict:
+    """What the checkpoint records about the input stream at `step` (see StreamingTrain)."""
+    steps_per_epoch = num_examples // batch
+    return {
+        "order": order,
+        "next_step": int(step),
+        "epoch": int(step // steps_per_epoch),
+        "batch_in_epoch": int(step % steps_per_epoch),
+        "num_examples": int(num_examples),
+        "global_batch": int(batch),
+        "seed": int(seed),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming.
+# ----------------------------------------------------------------------------------------------
+
+
+def _process_shard() -> streaming.Sharding:
+    return streaming.Sharding(jax.process_index(), jax.process_count())
+
+
+def _global_array(local: np.ndarray, sharding, global_batch: int):
+    """This process's rows of a global batch → the global array, split over the data axis."""
+    shape = (global_batch, *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+class StreamingTrain:
+    """This process's share of every global batch, decoded and cropped on the host.
+
+    The stream is a pure function of the step (see `streaming`): the position in the checkpoint
+    is the next step, and `batches(step)` (re)starts the stream there when it is not already
+    there, which is all a resume needs. One step per dispatch: the host hands over one batch per
+    step, and an ImageNet step is long enough that dispatching it alone costs nothing.
+    """
+
+    fuses_steps = False
+
+    def __init__(self, config, split: streaming.Split, mesh, threads: int, seed=None):
+        self.split = split
+        self.batch = config.batch_size
+        self.seed = config.seed if seed is None else seed
+        self.crop_size = config.crop_size
+        self.scale = (config.min_scale, config.max_scale)
+        self.threads = threads
+        self.shard = _process_shard()
+        self.local_batch = self.shard.local(self.batch)
+        self.steps_per_epoch = len(split) // self.batch
+        self.end = config.max_epochs * self.steps_per_epoch  # no reading ahead past the run
+        if config.max_steps > 0:
+            self.end = min(self.end, config.max_steps)
+        self.files = streaming.UnreadableFiles(split, config.max_unreadable_fraction)
+        self.sharding = parallel.batch_sharded(mesh)
+        self.stream = None
+        self.next_step = None
+
+    def _start(self, step: int):
+        self.close()
+        local = self.local_batch
+
+        def example(k):
+            step, j = divmod(k, local)
+            return streaming.train_example(
+                step,
+                j,
+                files=self.files,
+                seed=self.seed,
+                global_batch=self.batch,
+                shard=self.shard,
+                crop_size=self.crop_size,
+                scale=self.scale,
+            )
+
+        start, stop = step * local, self.end * local
+        batches = streaming.grain_batches(example, start, stop, local, self.threads)
+        self.stream = streaming.Prefetcher(batches, self._to_device)
+        self.next_step = step
+
+    def _to_device(self, batch):
+        step = int(batch["step"][0])
+        if (step + 1) % self.steps_per_epoch == 0:  # the epoch's last batch: it is fully read
+            self._report(step // self.steps_per_epoch)
+        put = lambda key: _global_array(batch[key], self.sharding, self.batch)
+        return step, ((put("view1"), put("view2")), put("label"))
+
+    def _report(self, epoch: int):
+        count = self.files.take_count(epoch)
+        if count:
+            log.warning(
+                "process %d: %d unreadable images replaced in epoch %d (paths logged above)",
+                self.shard.index,
+                count,
+                epoch,
+            )
+
+    def batches(self, step: int):
+        if self.stream is None or self.next_step != step:
+            self._start(step)
+        batch_step, data = next(self.stream)
+        assert batch_step == step, (batch_step, step)
+        self.next_step = step + 1
+        return data
+
+    def select(self, state, data, i):
+        del state, i  # one step per dispatch: `data` is its batch
+        return data
+
+    def position(self, step: int) -> dict:
+        return _position("streaming", step, len(self.split), self.batch, self.seed)
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+class StreamingEval:
+    """A split streamed in order with the evaluation transform, padded with label −1 rows."""
+
+    def __init__(self, split: streaming.Split, config, batch: int, mesh, threads: int):
+        self.split = split
+        self.batch_size = batch
+        self.num_examples = len(split)
+        self.num_batches = -(-len(split) // batch)
+        self.crop_size = config.crop_size
+        self.threads = threads
+        self.shard = _process_shard()
+        self.files = streaming.UnreadableFiles(split, config.max_unreadable_fraction)
+        self.sharding = parallel.batch_sharded(mesh)
+
+    def batches(self):
+        local = self.shard.local(self.batch_size)
+        num_batches = self.num_batches
+
+        def example(k):
+            return streaming.eval_example(
+                k,
+                files=self.files,
+                global_batch=self.batch_size,
+                shard=self.shard,
+                crop_size=self.crop_size,
+            )
+
+        def to_device(batch):
+            images = _global_array(batch["image"], self.sharding, self.batch_size)
+            labels = _global_array(batch["label"], self.sharding, self.batch_size)
+            return images, labels, np.int32(0)
+
+        batches = streaming.grain_batches(example, 0, num_batches * local, local, self.threads)
+        stream = streaming.Prefetcher(batches, to_device)
+        try:
+            yield from stream
+        finally:
+            stream.close()

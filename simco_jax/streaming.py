@@ -1,0 +1,411 @@
+"""The host side of streaming input: sources, robust decoding, torchvision's crops, sharded order.
+
+For datasets that do not fit in memory (ImageNet: 1.28 M JPEGs, ~140 GB). Each process reads,
+decodes and crops only its own share of every global batch, with grain's threads, and hands uint8
+crops to the device, where colour jitter, grayscale, flip and normalisation run as for resident
+data (`augment.two_views` skips its crop when given two cropped views).
+
+Determinism, whatever the thread scheduling or the process count:
+
+* the order of epoch e is a permutation drawn from (seed, e); global batch s is positions
+  [s·B, (s+1)·B) of its epoch's order, and process p reads the p-th of `process_count` equal
+  slices of it, so the same images meet in the same global batch on any number of processes;
+* the crop boxes of image i at step s come from a NumPy generator seeded with (seed, s, i);
+* the stream is a pure function of the step: resuming at step s rebuilds it from s.
+
+Sources (`open_splits`): an image folder in torchvision's ImageFolder layout, a tfds dataset read
+through `tfds.data_source` (ArrayRecord), or in-memory arrays (a resident dataset forced to
+stream, for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from simco_jax import data
+
+log = logging.getLogger(__name__)
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, compared case-insensitively as torchvision does.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision's RandomResizedCrop defaults; scale comes from min_scale/max_scale.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+# Independent NumPy streams under one seed.
+_ORDER_STREAM, _CROP_STREAM = 0, 1
+# How many files an error message names.
+_SHOW_FILES = 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: random access to (RGB PIL image, label).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A random-access split. `load(i)` returns (RGB PIL image, label) or raises on a bad file."""
+
+    name: str  # for messages: a directory, 'imagenet2012[train]', ...
+    size: int
+    load: Callable[[int], tuple[Image.Image, int]]
+    describe: Callable[[int], str]  # example i for messages (its path)
+    paths: tuple[str, ...] = ()  # the image folder's files, in index order
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def decode_rgb(file) -> Image.Image:
+    """Decodes any PIL-readable image (CMYK/grayscale JPEG, a PNG named .JPEG) to RGB.
+
+    As torchvision's `pil_loader`: `Image.open(f).convert("RGB")`; the format comes from the
+    bytes, not the file name. Raises OSError/ValueError/SyntaxError for unreadable data,
+    truncated files included (PIL's LOAD_TRUNCATED_IMAGES stays False).
+    """
+    with Image.open(file) as image:
+        return image.convert("RGB")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _list_class_folder(directory: str) -> list[str]:
+    """Image files under `directory`, recursively, in torchvision's make_dataset order."""
+    paths = []
+    for root, _, names in sorted(os.walk(directory, followlinks=True)):
+        paths.extend(os.path.join(root, n) for n in sorted(names) if _is_image(n))
+    return paths
+
+
+def image_folder_split(
+    directory: str, classes: list[str] | None = None, *, select: list[str] | None = None
+) -> tuple[Split, list]:
+    """One split of an ImageFolder tree (`directory/<class>/*.JPEG`); labels in sorted class order.
+
+    `select`: only these class folders are used (e.g. ImageNet-100), each of which must exist;
+    `classes`: the classes the split must have (the training split's, for validation).
+    Raises DataError for a missing or empty directory and for a class folder without images.
+    """
+    if not os.path.isdir(directory):
+        raise data.DataError(
+            f"image folder {directory!r} does not exist; --config.data_path=ROOT must hold "
+            f"ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG (torchvision's ImageFolder)."
+        )
+    found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not found:
+        raise data.DataError(
+            f"image folder {directory!r} has no class folders; expected {directory}/<class>/*.JPEG."
+        )
+    if select is not None:
+        missing = sorted(set(select) - set(found))
+        if missing:
+            raise data.DataError(
+                f"{directory!r} lacks {len(missing)} of the {len(set(select))} classes of "
+                f"config.class_list, e.g. {missing[:_SHOW_FILES]}; every listed class needs a "
+                f"folder in both splits."
+            )
+        found = sorted(set(select))
+    if classes is not None and found != classes:
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise data.DataError(
+            f"the classes of {directory!r} differ from the training classes: missing "
+            f"{missing[:_SHOW_FILES]}{' ...' if len(missing) > _SHOW_FILES else ''}, extra "
+            f"{extra[:_SHOW_FILES]}{' ...' if len(extra) > _SHOW_FILES else ''}; both splits need "
+            f"the same class folders (labels are their sorted order)."
+        )
+    paths, labels = [], []
+    for label, name in enumerate(found):
+        files = _list_class_folder(os.path.join(directory, name))
+        if not files:
+            raise data.DataError(
+                f"class folder {os.path.join(directory, name)!r} holds no images (extensions "
+                f"{', '.join(IMG_EXTENSIONS)}); remove it or add its images."
+            )
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    labels = np.asarray(labels, np.int32)
+
+    def load(i):
+        return decode_rgb(paths[i]), int(labels[i])
+
+    split = Split(directory, len(paths), load, lambda i: paths[i], paths=tuple(paths))
+    return split, found
+
+
+def array_split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
+    """In-memory uint8 (N, H, W, 3) arrays as a split (a resident dataset forced to stream)."""
+
+    def load(i):
+        return Image.fromarray(images[i]), int(labels[i])
+
+    return Split(name, len(images), load, lambda i: f"{name}[{i}]")
+
+
+def tfds_split(name: str, split: str, data_dir: str | None) -> Split:
+    """A split of a prepared tfds dataset, read at random through `tfds.data_source`.
+
+    Needs the ArrayRecord file format (`tfds build NAME --file_format=array_record`); the images
+    stay encoded until a worker decodes them.
+    """
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir,
+        download=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+
+    def load(i):
+        record = source[i]
+        return decode_rgb(io.BytesIO(record["image"])), int(record["label"])
+
+    return Split(f"{name}[{split}]", len(source), load, lambda i: f"{name}[{split}][{i}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host transforms (torchvision semantics on PIL images).
+# ----------------------------------------------------------------------------------------------
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0)):
+    """torchvision's `RandomResizedCrop.get_params`: (top, left, h, w).
+
+    Ten tries of an area fraction ~ U(scale) and a log-ratio ~ U(log 3/4, log 4/3); the first box
+    that fits is placed uniformly; otherwise the central crop with the ratio clamped to [3/4, 4/3].
+    """
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(CROP_ATTEMPTS):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif in_ratio > CROP_RATIO[1]:
+        w, h = int(round(height * CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image: Image.Image, box, size: int) -> np.ndarray:
+    """torchvision's `F.resized_crop` on a PIL image: crop, then PIL's antialiased bilinear resize.
+
+    Crop first, as torchvision does: a resize with `box=` would also take taps from outside it.
+    """
+    top, left, h, w = box
+    cropped = image.crop((left, top, left + w, top + h))
+    return np.asarray(cropped.resize((size, size), Image.BILINEAR))
+
+
+def eval_size(crop_size: int) -> int:
+    """The shorter side before the centre crop: 256 for 224, in proportion otherwise."""
+    return int(round(crop_size * 256 / 224))
+
+
+def center_crop_eval(image: Image.Image, crop_size: int) -> np.ndarray:
+    """torchvision's Resize(eval_size) (shorter side, bilinear) then CenterCrop(crop_size)."""
+    width, height = image.size
+    short, long = sorted((width, height))
+    size = eval_size(crop_size)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    image = image.resize((new_w, new_h), Image.BILINEAR)
+    top = int(round((new_h - crop_size) / 2.0))
+    left = int(round((new_w - crop_size) / 2.0))
+    return np.asarray(image.crop((left, top, left + crop_size, top + crop_size)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Unreadable files: replaced deterministically, logged, counted, bounded.
+# ----------------------------------------------------------------------------------------------
+
+
+class UnreadableFiles:
+    """Loads examples, replacing an unreadable one by the next readable index (mod N).
+
+    Readability is a property of the files, so the replacement is the same on every run and every
+    process: batches stay full and deterministic. Each bad file is logged once with its error;
+    `take_count(epoch)` says how many were met in an epoch. More than `max_fraction` of the split
+    unreadable (counted by this process) stops with a DataError naming the first few files.
+    """
+
+    def __init__(self, split: Split, max_fraction: float):
+        self.split = split
+        self.limit = max_fraction * len(split)
+        self.bad: dict[int, str] = {}  # index -> error, in the order met
+        self.per_epoch: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def load(self, index: int, epoch: int = 0):
+        for attempt in range(len(self.split)):
+            candidate = (index + attempt) % len(self.split)
+            try:
+                return self.split.load(candidate)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                self._record(candidate, epoch, error)
+        raise data.DataError(f"no readable image in {self.split.name!r}")
+
+    def _record(self, index, epoch, error):
+        with self.lock:
+            self.per_epoch[epoch] = self.per_epoch.get(epoch, 0) + 1
+            if index in self.bad:
+                return
+            self.bad[index] = f"{type(error).__name__}: {error}"
+            log.warning(
+                "unreadable image %s (%s); replaced by the next readable one",
+                self.split.describe(index),
+                self.bad[index],
+            )
+            if len(self.bad) > self.limit:
+                first = [f"{self.split.describe(i)} ({e})" for i, e in self.bad.items()]
+                raise data.DataError(
+                    f"more than {self.limit / len(self.split):.2%} of {self.split.name!r} is "
+                    f"unreadable ({len(self.bad)} files so far), e.g. {first[:_SHOW_FILES]}. "
+                    f"Fix or remove them, or raise --config.max_unreadable_fraction."
+                )
+
+    def take_count(self, epoch: int) -> int:
+        with self.lock:
+            return self.per_epoch.pop(epoch, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The global order and this process's share of it.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The shuffled order of an epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """Process `index` of `count` reads slice `index` of every global batch."""
+
+    index: int
+    count: int
+
+    def local(self, global_batch: int) -> int:
+        if global_batch % self.count:
+            raise data.DataError(
+                f"batch {global_batch} does not split evenly over {self.count} processes"
+            )
+        return global_batch // self.count
+
+
+def train_example_index(step: int, j: int, *, seed, num_examples, global_batch, shard: Sharding):
+    """Dataset index of the j-th image of this process's share of global batch `step`."""
+    steps_per_epoch = num_examples // global_batch
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    position = in_epoch * global_batch + shard.index * shard.local(global_batch) + j
+    return epoch, int(epoch_order(seed, epoch, num_examples)[position])
+
+
+def crop_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The crop's key stream: a function of (seed, step, image) only, never of a worker."""
+    return np.random.default_rng([seed, _CROP_STREAM, step, index])
+
+
+def train_example(
+    step: int, j: int, *, files: UnreadableFiles, seed, global_batch, shard, crop_size, scale
+):
+    """Two RandomResizedCrop views of one decode, as uint8, and the label."""
+    epoch, index = train_example_index(
+        step, j, seed=seed, num_examples=len(files.split), global_batch=global_batch, shard=shard
+    )
+    image, label = files.load(index, epoch)
+    rng = crop_rng(seed, step, index)
+    width, height = image.size
+    view1 = resized_crop(image, crop_box(rng, height, width, scale), crop_size)
+    view2 = resized_crop(image, crop_box(rng, height, width, scale), crop_size)
+    return {"view1": view1, "view2": view2, "label": np.int32(label), "step": np.int32(step)}
+
+
+def eval_example(k: int, *, files: UnreadableFiles, global_batch, shard, crop_size):
+    """The k-th example of this process's eval share; past the split's end: padding, label −1."""
+    local = shard.local(global_batch)
+    batch, j = divmod(k, local)
+    position = batch * global_batch + shard.index * local + j
+    if position >= len(files.split):
+        return {"image": np.zeros((crop_size, crop_size, 3), np.uint8), "label": np.int32(-1)}
+    image, label = files.load(position)
+    return {"image": center_crop_eval(image, crop_size), "label": np.int32(label)}
+
+
+def grain_batches(example_fn, start: int, stop: int, local_batch: int, threads: int):
+    """Iterator over batches of `example_fn(k)` for k in [start, stop), decoded in `threads`
+    grain threads, in order, at least two batches ahead."""
+    import grain
+
+    dataset = grain.MapDataset.range(start, stop).map(example_fn)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * local_batch)
+    return iter(dataset.to_iter_dataset(options).batch(local_batch, drop_remainder=True))
+
+
+class Prefetcher:
+    """Runs `produce(item)` over an iterator in a thread, `depth` items ahead (device transfer
+    overlaps the step). Errors reach the consumer; `close()` stops the thread."""
+
+    _DONE = object()
+
+    def __init__(self, iterator, produce, depth: int = 2):
+        self.queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+
+        def run():
+            try:
+                for item in iterator:
+                    if not self._put(produce(item)):
+                        return
+                self._put(self._DONE)
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                self._put(error)
+
+        self.thread = threading.Thread(target=run, daemon=True, name="simco-prefetch")
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join(timeout=10)
