@@ -4,6 +4,7 @@ Every dataset here is generated at test time (tiny JPEGs of mixed sizes and mode
 downloaded. The resident path is pinned first: its losses must not move with the input seam.
 """
 
+import json
 import os
 import re
 import signal
@@ -576,3 +577,42 @@ def test_offline_linear_and_knn_evaluation_stream_an_image_folder(folder, tmp_pa
     linear = results["linear"]
     assert linear["steps"] == 2 and np.isfinite(linear["final_loss"])
     assert 0 <= linear["top1"] <= linear["top5"] <= 100
+
+
+_EVAL_LABELS_SCRIPT = """
+import json, sys
+import numpy as np
+from helpers import framework_config
+from simco_jax import inputs, parallel
+config = framework_config("simco", dataset="imagefolder", data_path=sys.argv[1], crop_size=16,
+                          eval_batch_size=int(sys.argv[2]), max_unreadable_fraction=0.05)
+data = inputs.create(config, parallel.make_mesh())
+rows = [parallel.to_host(labels) for _, labels, _ in data.test.batches()]
+print(json.dumps({"rows": [r.tolist() for r in rows], "num_examples": data.test.num_examples}))
+data.close()
+"""
+
+
+def _streamed_eval_labels(root, eval_batch, devices):
+    result = run_python(
+        ["-c", _EVAL_LABELS_SCRIPT, root, str(eval_batch)],
+        env_extra={
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "PYTHONPATH": os.path.join(REPO, "tests"),
+        },
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("eval_batch", [6, 20])
+def test_streamed_evaluation_counts_every_image_once_on_one_and_eight_devices(folder, eval_batch):
+    """Padded last batches (label -1, masked by the evaluators): the 20 validation images appear
+    exactly once, in the folder's order, whatever the device count and eval batch."""
+    expected = [label for label, name in enumerate(CLASSES) for _ in range(VAL_PER_CLASS)]
+    for devices in (1, 8):
+        out = _streamed_eval_labels(folder[0], eval_batch, devices)
+        assert out["num_examples"] == len(expected)
+        rows = [label for batch in out["rows"] for label in batch]
+        assert [label for label in rows if label >= 0] == expected
+        assert all(label == -1 for label in rows[len(expected) :])
+        assert len(out["rows"][0]) % devices == 0  # eval batches split evenly over the devices
