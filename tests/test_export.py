@@ -1,6 +1,8 @@
 """Export tests: torchvision names, shapes and layouts, exact round trips, torch-layout forwards."""
 
+import importlib.util
 import json
+import os
 import struct
 
 import jax
@@ -8,6 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import run_python
 
 from simco_jax import export, models
 
@@ -316,47 +319,48 @@ def test_files_load_with_safetensors_package_when_installed(tiny_export, tmp_pat
         np.testing.assert_array_equal(value, loaded[name])
 
 
-def test_torch_conv2d_on_exported_weights_matches_flax(tiny_export):
-    torch = pytest.importorskip("torch")
+def _torch(mode, directory):
+    """Runs tests/torch_worker.py MODE DIRECTORY in a fresh interpreter (see its docstring)."""
+    for module in ("torch", "torchvision", "safetensors"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (the `export` extra)")
+    run_python([os.path.join("tests", "torch_worker.py"), mode, str(directory)])
+
+
+def test_torch_conv2d_on_exported_weights_matches_flax(tiny_export, tmp_path):
     model, variables, x, loaded = tiny_export
     _, state = model.apply(
         variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
     )
     inter = state["intermediates"]["backbone"]
-    x_torch = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-    weight = lambda name: torch.from_numpy(loaded[name])
-    to_nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
-    stem = torch.nn.functional.conv2d(x_torch, weight("conv1.weight"), padding=2)
-    np.testing.assert_allclose(to_nhwc(stem), inter["conv1"]["__call__"][0], atol=1e-5)
-    block_in = torch.from_numpy(np.asarray(inter["layer1_1"]["__call__"][0]).transpose(0, 3, 1, 2))
-    strided = torch.nn.functional.conv2d(
-        block_in, weight("layer2.0.conv1.weight"), stride=2, padding=1
+    export.export_torch_state_dict(
+        variables["params"], variables["batch_stats"], tmp_path / "export.safetensors"
+    )
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    np.save(tmp_path / "block_in.npy", np.asarray(inter["layer1_1"]["__call__"][0]))
+    _torch("conv", tmp_path)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "stem.npy"), inter["conv1"]["__call__"][0], atol=1e-5
     )
     np.testing.assert_allclose(
-        to_nhwc(strided), inter["layer2_0"]["conv1"]["__call__"][0], rtol=1e-5, atol=1e-5
+        np.load(tmp_path / "strided.npy"),
+        inter["layer2_0"]["conv1"]["__call__"][0],
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
 def test_torchvision_resnet18_loads_strictly_and_matches_flax(tmp_path):
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
     model = models.make_backbone("resnet18", width=64, cifar_stem=True)
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
     variables = random_variables(model, x, seed=1)
-    path = tmp_path / "resnet18.safetensors"
-    export.export_torch_state_dict(variables["params"], variables["batch_stats"], path)
-
-    net = torchvision.models.resnet18()
-    net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
-    net.maxpool = torch.nn.Identity()
-    net.fc = torch.nn.Identity()
-    state_dict = {k: torch.from_numpy(v) for k, v in export.load_safetensors(path).items()}
-    net.load_state_dict(state_dict, strict=True)
-    net.eval()
-    with torch.no_grad():
-        torch_features = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
+    export.export_torch_state_dict(
+        variables["params"], variables["batch_stats"], tmp_path / "export.safetensors"
+    )
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    _torch("resnet18", tmp_path)
     features = model.apply(variables, x, train=False)
-    assert_features_close(torch_features.numpy(), features)
+    assert_features_close(np.load(tmp_path / "features.npy"), features)
 
 
 @pytest.mark.parametrize("width, cifar_stem", [(4, True), (64, True), (8, False)])
@@ -386,19 +390,9 @@ def test_loading_snippet_names_the_constructor_and_widths(width, cifar_stem):
             assert layer in message
 
 
-def _run_snippet(message):
-    """Executes the code a message ends with; returns its `model` (and `projector`)."""
-    namespace = {}
-    exec(message.split("\n\n", 1)[1], namespace)  # the message, then a blank line, then the code
-    return namespace
-
-
 @pytest.mark.parametrize("width, include_projector", [(4, False), (64, False), (8, True)])
 def test_printed_snippet_loads_the_export_into_torchvision(width, include_projector, tmp_path):
     """The code the export prints, run as printed: strict loads, and the Flax features."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("torchvision")
-    pytest.importorskip("safetensors")
     model = models.Encoder(width=width, proj_hidden_dim=16, proj_output_dim=8)
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
     variables = random_variables(model, x, seed=2)
@@ -406,13 +400,12 @@ def test_printed_snippet_loads_the_export_into_torchvision(width, include_projec
     tensors = export.export_torch_state_dict(
         variables["params"], variables["batch_stats"], path, include_projector=include_projector
     )
-    namespace = _run_snippet(export.describe_export(path, tensors))
-    net = namespace["model"].eval()
-    with torch.no_grad():
-        features = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
+    message = export.describe_export(path, tensors)
+    # The message, then a blank line, then the code.
+    (tmp_path / "snippet.py").write_text(message.split("\n\n", 1)[1])
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    _torch("snippet", tmp_path)
     flax_features, flax_projections = model.apply(variables, x, train=False)
-    assert_features_close(features.numpy(), flax_features)
+    assert_features_close(np.load(tmp_path / "features.npy"), flax_features)
     if include_projector:
-        with torch.no_grad():
-            projections = namespace["projector"](features)
-        assert_features_close(projections.numpy(), flax_projections)
+        assert_features_close(np.load(tmp_path / "projections.npy"), flax_projections)
