@@ -136,8 +136,14 @@ def tfdata_pairs_per_s(paths, threads: int, repeats: int):
     return _rates(iterator, lambda item: int(item[0].shape[0]))
 
 
-def step_times(steps: int) -> dict:
-    """Seconds per train step (median) of the smoke SimCo run, resident vs streaming input."""
+def step_times(steps: int, rounds: int) -> dict:
+    """Seconds per train step of the smoke SimCo run, resident vs streaming input.
+
+    Both runs are built first, then timed in alternating rounds of `steps` steps each, so that a
+    change in the machine's load hits both alike. Per step: the median wall-clock time (input
+    wait + dispatch + step) and the CPU time of the whole process (all threads: the step's and
+    the host pipeline's), which a loaded machine does not distort.
+    """
     import jax
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
@@ -146,13 +152,14 @@ def step_times(steps: int) -> dict:
     from simco_jax import inputs, parallel, train_step
 
     mesh = parallel.make_mesh()
-    results = {}
+    replicated = parallel.replicated(mesh)
+    stop = np.int32(np.iinfo(np.int32).max)
+    runs = {}
     for mode in ("resident", "streaming"):
-        config = framework_config("simco", input_mode=mode, input_threads=1)
+        config = framework_config("simco", input_mode=mode, input_threads=1, max_epochs=10_000)
         data = inputs.create(config, mesh)
         steps_per_epoch = data.num_train // config.batch_size
         comps = train_step.build_components(config, data.num_classes, steps_per_epoch)
-        replicated = parallel.replicated(mesh)
         state = jax.jit(
             lambda config=config, comps=comps, data=data: train_step.create_train_state(
                 config, comps, data.image_shape
@@ -171,16 +178,35 @@ def step_times(steps: int) -> dict:
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
-        stop = np.int32(np.iinfo(np.int32).max)
-        times = []
-        for step in range(steps + 3):
-            start = time.perf_counter()
-            state, metrics = chunk(state, data.train.batches(step), stop)
+        runs[mode] = dict(data=data, state=state, chunk=chunk, step=0, wall=[], cpu=[])
+
+    def advance(run, count, record):
+        for _ in range(count):
+            wall, cpu = time.perf_counter(), time.process_time()
+            run["state"], metrics = run["chunk"](
+                run["state"], run["data"].train.batches(run["step"]), stop
+            )
             jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        data.close()
-        results[mode] = float(np.median(times[3:]))  # after compilation and warm-up
-    results["streaming_over_resident"] = results["streaming"] / results["resident"]
+            run["step"] += 1
+            if record:
+                run["wall"].append(time.perf_counter() - wall)
+                run["cpu"].append(time.process_time() - cpu)
+
+    for run in runs.values():
+        advance(run, 3, record=False)  # compilation and warm-up
+    for _ in range(rounds):
+        for run in runs.values():
+            advance(run, steps, record=True)
+    results = {}
+    for mode, run in runs.items():
+        run["data"].close()
+        results[f"{mode}_wall_s"] = float(np.median(run["wall"]))
+        results[f"{mode}_cpu_s"] = float(np.mean(run["cpu"]))
+    results["streaming_over_resident_wall"] = (
+        results["streaming_wall_s"] / results["resident_wall_s"]
+    )
+    results["streaming_over_resident_cpu"] = results["streaming_cpu_s"] / results["resident_cpu_s"]
+    results["steps_timed_per_mode"] = steps * rounds
     return results
 
 
@@ -189,7 +215,8 @@ def main(argv=None):
     p.add_argument("--image_dir", default="", help="real JPEGs to measure on (default: generated)")
     p.add_argument("--num_images", type=int, default=128, help="generated JPEGs")
     p.add_argument("--repeats", type=int, default=2, help="passes over the images per figure")
-    p.add_argument("--steps", type=int, default=20, help="train steps timed per input mode")
+    p.add_argument("--steps", type=int, default=20, help="train steps per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per input mode")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
@@ -224,7 +251,7 @@ def main(argv=None):
                 )
             per_core = report[f"{name}_1_threads"]["pairs_per_cpu_s"]
             report[f"{name}_cores_for_{GPU_IMAGES_PER_S}_img_s"] = GPU_IMAGES_PER_S / per_core
-    report["step_s"] = step_times(args.steps)
+    report["step_s"] = step_times(args.steps, args.rounds)
     print(json.dumps(report["step_s"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

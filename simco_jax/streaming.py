@@ -10,7 +10,8 @@ Determinism, whatever the thread scheduling or the process count:
 * the order of epoch e is a permutation drawn from (seed, e); global batch s is positions
   [s·B, (s+1)·B) of its epoch's order, and process p reads the p-th of `process_count` equal
   slices of it, so the same images meet in the same global batch on any number of processes;
-* the crop boxes of image i at step s come from a NumPy generator seeded with (seed, s, i);
+* the crop boxes of the image at place j of global batch s come from row j of a NumPy stream
+  seeded with (seed, s);
 * the stream is a pure function of the step: resuming at step s rebuilds it from s.
 
 Sources (`open_splits`): an image folder in torchvision's ImageFolder layout, a tfds dataset read
@@ -182,21 +183,23 @@ def tfds_split(name: str, split: str, data_dir: str | None) -> Split:
 # ----------------------------------------------------------------------------------------------
 
 
-def crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0)):
+def crop_box(uniforms: np.ndarray, height: int, width: int, scale=(0.08, 1.0)):
     """torchvision's `RandomResizedCrop.get_params`: (top, left, h, w).
 
     Ten tries of an area fraction ~ U(scale) and a log-ratio ~ U(log 3/4, log 4/3); the first box
     that fits is placed uniformly; otherwise the central crop with the ratio clamped to [3/4, 4/3].
+    `uniforms`: (CROP_ATTEMPTS, 4) numbers in [0, 1) per try, for the area, the ratio, the top and
+    the left, drawn in advance (see `crop_uniforms`).
     """
     area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(CROP_ATTEMPTS):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for u_area, u_ratio, u_top, u_left in uniforms.tolist():
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
     in_ratio = width / height
     if in_ratio < CROP_RATIO[0]:
         w, h = width, int(round(width / CROP_RATIO[0]))
@@ -323,9 +326,21 @@ def train_example_index(step: int, j: int, *, seed, num_examples, global_batch, 
     return epoch, int(epoch_order(seed, epoch, num_examples)[position])
 
 
-def crop_rng(seed: int, step: int, index: int) -> np.random.Generator:
-    """The crop's key stream: a function of (seed, step, image) only, never of a worker."""
-    return np.random.default_rng([seed, _CROP_STREAM, step, index])
+@functools.lru_cache(maxsize=64)
+def crop_uniforms(seed: int, step: int, global_batch: int, shard: Sharding) -> np.ndarray:
+    """(local batch, 2 views, CROP_ATTEMPTS, 4) uniforms for this process's crops at `step`.
+
+    Rows of one (seed, step) stream over the whole global batch: an image's crops depend only on
+    (seed, step, its place in the batch), never on threads or the process count. One stream per
+    step rather than one per image: seeding a generator costs more than cropping a small image.
+    """
+    local = shard.local(global_batch)
+    per_image = 2 * CROP_ATTEMPTS * 4
+    bits = np.random.PCG64(np.random.SeedSequence([seed, _CROP_STREAM, step]))
+    bits.advance(shard.index * local * per_image)  # a double is one 64-bit draw: skip the rows
+    uniforms = np.random.Generator(bits).random((local, 2, CROP_ATTEMPTS, 4))  # of lower ones
+    uniforms.flags.writeable = False  # shared by every caller through the cache
+    return uniforms
 
 
 def train_example(
@@ -336,10 +351,10 @@ def train_example(
         step, j, seed=seed, num_examples=len(files.split), global_batch=global_batch, shard=shard
     )
     image, label = files.load(index, epoch)
-    rng = crop_rng(seed, step, index)
+    uniforms = crop_uniforms(seed, step, global_batch, shard)[j]
     width, height = image.size
-    view1 = resized_crop(image, crop_box(rng, height, width, scale), crop_size)
-    view2 = resized_crop(image, crop_box(rng, height, width, scale), crop_size)
+    view1 = resized_crop(image, crop_box(uniforms[0], height, width, scale), crop_size)
+    view2 = resized_crop(image, crop_box(uniforms[1], height, width, scale), crop_size)
     return {"view1": view1, "view2": view2, "label": np.int32(label), "step": np.int32(step)}
 
 
@@ -355,13 +370,25 @@ def eval_example(k: int, *, files: UnreadableFiles, global_batch, shard, crop_si
 
 
 def grain_batches(example_fn, start: int, stop: int, local_batch: int, threads: int):
-    """Iterator over batches of `example_fn(k)` for k in [start, stop), decoded in `threads`
-    grain threads, in order, at least two batches ahead."""
+    """Iterator over batches of `example_fn(k)` for k in [start, stop), in order.
+
+    Each batch is built whole by one of `threads` grain threads, `max(2, threads)` batches
+    ahead. A batch, not an image, is grain's unit of work: handing every image to the thread
+    pool cost as much CPU time as decoding a small image, CPU time the step itself needs where
+    the host also computes the step.
+    """
     import grain
 
-    dataset = grain.MapDataset.range(start, stop).map(example_fn)
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * local_batch)
-    return iter(dataset.to_iter_dataset(options).batch(local_batch, drop_remainder=True))
+    if start % local_batch or stop % local_batch:
+        raise ValueError(f"[{start}, {stop}) is not whole batches of {local_batch}")
+
+    def batch(b):
+        examples = [example_fn(b * local_batch + j) for j in range(local_batch)]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+    dataset = grain.MapDataset.range(start // local_batch, stop // local_batch).map(batch)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads))
+    return iter(dataset.to_iter_dataset(options))
 
 
 class Prefetcher:

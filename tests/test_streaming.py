@@ -194,7 +194,8 @@ def test_a_broken_folder_fails_before_anything_compiles(folder, tmp_path, damage
 def test_crop_boxes_follow_torchvision_get_params(height, width):
     n = 20000
     rng = np.random.default_rng(0)
-    ours = np.array([streaming.crop_box(rng, height, width) for _ in range(n)])
+    uniforms = rng.random((n, streaming.CROP_ATTEMPTS, 4))
+    ours = np.array([streaming.crop_box(u, height, width) for u in uniforms])
     ref_rng = np.random.default_rng(1)
     ref = np.array([torchvision_get_params(ref_rng, height, width) for _ in range(n)])
     assert np.all((ours[:, 0] + ours[:, 2] <= height) & (ours[:, 1] + ours[:, 3] <= width))
@@ -207,6 +208,16 @@ def test_crop_boxes_follow_torchvision_get_params(height, width):
     )
     for stat in stats:
         assert _ks_distance(stat(ours), stat(ref)) < critical
+
+
+def test_each_process_draws_its_rows_of_the_global_crop_stream():
+    whole = streaming.crop_uniforms(5, 7, 24, streaming.Sharding(0, 1))
+    for count in (2, 3, 4):
+        parts = [
+            streaming.crop_uniforms(5, 7, 24, streaming.Sharding(p, count)) for p in range(count)
+        ]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert not np.array_equal(whole, streaming.crop_uniforms(5, 8, 24, streaming.Sharding(0, 1)))
 
 
 def _bilinear_reference(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -239,7 +250,7 @@ def test_host_resize_matches_antialiased_bilinear_within_one_gray_level():
         )
         pixels = np.clip(pixels.astype(int) + rng.integers(-20, 21, pixels.shape), 0, 255)
         image = Image.fromarray(pixels.astype(np.uint8))
-        box = streaming.crop_box(rng, int(height), int(width))
+        box = streaming.crop_box(rng.random((streaming.CROP_ATTEMPTS, 4)), int(height), int(width))
         top, left, h, w = box
         for size in (16, 224):
             ours = streaming.resized_crop(image, box, size).astype(np.float64)
