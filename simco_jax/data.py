@@ -504,8 +504,8 @@ def any_host_reachable(addresses: list[tuple[str, int]], timeout_s: float | None
 def _alternatives(name: str) -> str:
     return (
         "Alternatives:\n"
-        f"  * on a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here "
-        f"and pass --config.data_dir=DIR;\n"
+        f"  * on a machine with internet run `tfds build {name} --data_dir=DIR` (the tfds command "
+        f"needs apache-beam installed), copy DIR here and pass --config.data_dir=DIR;\n"
         "  * save the arrays as an .npz file (train_images, train_labels, test_images, "
         "test_labels) and pass --config.dataset=npz --config.data_path=FILE.npz;\n"
         "  * for a smoke run without data pass --config.dataset=synthetic."
