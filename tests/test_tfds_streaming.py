@@ -114,7 +114,8 @@ def test_simco_trains_end_to_end_through_launch_streaming_the_tfds_dataset(tfds_
             "--config.input_threads=2",
         ]
     )
-    assert "(streaming)" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"{NAME} (streaming): 48 train / 18 test images, 6 classes" in output
     records = writers.read_metrics(str(workdir))
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(map(math.isfinite, losses))
@@ -223,9 +224,14 @@ def test_class_list_selects_the_listed_records_relabelled_in_sorted_name_order(
     _remove_selection_files(tfds_dir, tmp_path)
     _, train_fresh, _, _ = inputs.open_splits(config)
     assert reads == [48, 18, 48, 18] and _loaded(train_fresh) == _loaded(train)
+    # The streamed order acts on positions in the selection: batch 0 is epoch 0's first positions.
     data_ = inputs.create(config, parallel.make_mesh())
     assert data_.num_classes == 3 and data_.num_train == len(train)
+    (view1, _), labels = data_.train.batches(0)
     data_.close()
+    order = streaming.epoch_order(config.seed, 0, len(train))[: config.batch_size]
+    assert parallel.to_host(labels).tolist() == [train.load(int(i))[1] for i in order]
+    assert view1.shape == (config.batch_size, config.crop_size, config.crop_size, 3)
 
 
 def test_class_selection_falls_back_to_the_cache_dir_and_is_written_atomically(
