@@ -304,3 +304,30 @@ def test_a_small_fixed_size_dataset_in_array_record_files_is_loaded_resident(tfd
         ]
         assert sorted(loaded) == sorted(_generated("tiny_fixed", split))
     assert dataset.num_classes == len(tiny_tfds.WNIDS)
+
+
+def test_imagenet100_on_tfds_labels_each_image_as_its_image_folder_does(tfds_dir, tmp_path):
+    """configs/*_imagenet.py:imagenet100 on a dataset named like imagenet2012 (ImageNet-100's
+    WordNet IDs among others) and on an image folder of the same images: the same 100 classes
+    and the same label for every image."""
+    import importlib
+
+    from PIL import Image
+
+    def imagenet100(**overrides):
+        config = importlib.import_module("configs.simco_imagenet").get_config("imagenet100,smoke")
+        config.update(overrides)
+        return config
+
+    name, names = "tiny_imagenet100", tiny_tfds.IN100_NAMES
+    for split, folder in (("train", "train"), ("validation", "val")):
+        for i, (pixels, label) in enumerate(tiny_tfds.examples(name, split)):
+            os.makedirs(tmp_path / folder / names[label], exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / folder / names[label] / f"{i}.png")
+    _, train, test, num_classes = inputs.open_splits(imagenet100(dataset=name, data_dir=tfds_dir))
+    folder_splits = inputs.open_splits(imagenet100(dataset="imagefolder", data_path=str(tmp_path)))
+    assert num_classes == folder_splits[3] == 100
+    for ours, theirs in ((train, folder_splits[1]), (test, folder_splits[2])):
+        labels = {pixels: label for pixels, _, label in _loaded(ours)}
+        assert labels == {pixels: label for pixels, _, label in _loaded(theirs)}
+        assert sorted(labels.values()) == list(range(100))

@@ -20,23 +20,36 @@ import numpy as np
 # ClassLabel names, WordNet-ID-like and deliberately not in sorted order: a class list's labels
 # follow the sorted names, not the dataset's label ids.
 WNIDS = ("n02085620", "n01440764", "n04592741", "n01443537", "n03000134", "n02102040")
+# ImageNet-100's classes (configs/imagenet100_classes.txt, in its order) and three others, as in
+# imagenet2012 (whose ClassLabel names are WordNet IDs).
+with open(os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet100_classes.txt")) as f:
+    IMAGENET100 = tuple(line.strip() for line in f if line.strip())
+IN100_NAMES = ("n00000001", *IMAGENET100[:50], "n09999998", *IMAGENET100[50:], "n09999999")
 DATASET_VERSION = "1.0.0"
-# name -> (file format, {split: (seed, number of examples)}, image side: None = 20-60 px).
+# name -> (file format, {split: (seed, number of examples)}, image side (None: 20-60 px),
+# ClassLabel names).
 DATASETS = {
-    "tiny_wnids": ("array_record", {"train": (0, 48), "validation": (1, 18)}, None),
-    "tiny_wnids_test_only": ("array_record", {"train": (2, 30), "test": (3, 12)}, None),
-    "tiny_wnids_tfrecord": ("tfrecord", {"train": (0, 48), "validation": (1, 18)}, None),
+    "tiny_wnids": ("array_record", {"train": (0, 48), "validation": (1, 18)}, None, WNIDS),
+    "tiny_wnids_test_only": ("array_record", {"train": (2, 30), "test": (3, 12)}, None, WNIDS),
+    "tiny_wnids_tfrecord": ("tfrecord", {"train": (0, 48), "validation": (1, 18)}, None, WNIDS),
     # One image size and small: resident under input_mode='auto', read from ArrayRecord files.
-    "tiny_fixed": ("array_record", {"train": (4, 40), "test": (5, 10)}, 16),
+    "tiny_fixed": ("array_record", {"train": (4, 40), "test": (5, 10)}, 16, WNIDS),
+    # One image per class and split.
+    "tiny_imagenet100": (
+        "array_record",
+        {"train": (6, 103), "validation": (7, 103)},
+        None,
+        IN100_NAMES,
+    ),
 }
 
 
 def examples(name: str, split: str) -> list[tuple[np.ndarray, int]]:
     """The (uint8 RGB image, label) pairs of a split, every class present."""
-    _, splits, side = DATASETS[name]
+    _, splits, side, names = DATASETS[name]
     seed, count = splits[split]
     rng = np.random.default_rng([seed, 7])
-    labels = rng.permutation(np.arange(count) % len(WNIDS))
+    labels = rng.permutation(np.arange(count) % len(names))
     out = []
     for label in labels:
         height, width = rng.integers(20, 61, size=2) if side is None else (side, side)
@@ -68,7 +81,7 @@ def build(data_dir: str) -> None:
     import tensorflow_datasets as tfds
 
     def builder_class(dataset_name):
-        _, splits, side = DATASETS[dataset_name]
+        _, splits, side, names = DATASETS[dataset_name]
         shape = (None, None, 3) if side is None else (side, side, 3)
 
         class Builder(tfds.core.GeneratorBasedBuilder):
@@ -80,7 +93,7 @@ def build(data_dir: str) -> None:
                     {
                         # PNG: lossless, so a decoded image equals the generated array.
                         "image": tfds.features.Image(shape=shape, encoding_format="png"),
-                        "label": tfds.features.ClassLabel(names=list(WNIDS)),
+                        "label": tfds.features.ClassLabel(names=list(names)),
                     }
                 )
                 return tfds.core.DatasetInfo(builder=self, features=features)
