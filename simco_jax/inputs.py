@@ -86,9 +86,10 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     if resolve_mode(config) == "resident":
         if config.class_list:
             raise data.DataError(
-                "config.class_list selects classes of streamed data (an image folder, a tfds "
-                f"dataset); dataset={config.dataset!r} is resident here: set class_list='' or "
-                "--config.input_mode=streaming."
+                f"dataset={config.dataset!r} is loaded resident here, and config.class_list "
+                f"applies to streamed data only (an image folder's class folders, a tfds "
+                f"dataset's ClassLabel names): set class_list='', or for a tfds dataset "
+                f"--config.input_mode=streaming."
             )
         dataset = data.load_dataset(config)
         batch = config.eval_batch_size

@@ -281,7 +281,9 @@ def test_a_listed_class_the_tfds_dataset_lacks_is_named(tfds_dir, tmp_path):
 
 def test_class_list_is_refused_for_resident_data(tmp_path):
     config = framework_config("simco", class_list=_class_list(tmp_path, LISTED))
-    with pytest.raises(data.DataError, match="'synthetic' is resident here"):
+    with pytest.raises(
+        data.DataError, match="'synthetic' is loaded resident here, and config.class_list"
+    ):
         inputs.create(config, parallel.make_mesh())
     config.input_mode = "streaming"
     with pytest.raises(data.DataError, match="'synthetic' has no class names"):
