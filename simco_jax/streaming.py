@@ -13,9 +13,9 @@ Determinism, whatever the thread scheduling or the process count:
 * the crop boxes of image i at step s come from a NumPy generator seeded with (seed, s, i);
 * the stream is a pure function of the step: resuming at step s rebuilds it from s.
 
-Sources (`open_splits`): an image folder in torchvision's ImageFolder layout, a tfds dataset read
-through `tfds.data_source` (ArrayRecord), or in-memory arrays (a resident dataset forced to
-stream, for tests and benchmarks).
+Sources (`open_splits`): an image folder in torchvision's ImageFolder layout, a prepared tfds
+dataset read at random through its data source (ArrayRecord files), either restricted to listed
+classes, or in-memory arrays (a resident dataset forced to stream, for tests and benchmarks).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 import tiny_tfds
-from helpers import framework_config, run_python
+from helpers import REPO, framework_config, run_python
 
 from simco_jax import data, inputs, parallel, streaming, writers
 
@@ -96,6 +96,20 @@ def test_auto_mode_streams_varying_sizes_and_evaluates_on_validation_else_test(
     assert (data_.mode, data_.num_classes, data_.num_train) == ("streaming", 6, len(train))
     assert data_.test.num_examples == len(test)
     data_.close()
+
+
+def test_streaming_a_tfds_dataset_never_imports_tensorflow(tfds_dir):
+    script = (
+        "import sys; from helpers import framework_config; from simco_jax import inputs; "
+        f"config = framework_config('simco', dataset={NAME!r}, data_dir=sys.argv[1]); "
+        "assert inputs.resolve_mode(config) == 'streaming'; "
+        "splits = inputs.open_splits(config); splits[1].load(0); splits[2].load(0); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"
+    )
+    result = run_python(
+        ["-c", script, tfds_dir], env_extra={"PYTHONPATH": os.path.join(REPO, "tests")}
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_simco_trains_end_to_end_through_launch_streaming_the_tfds_dataset(tfds_dir, tmp_path):
