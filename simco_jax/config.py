@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_unreadable_fraction = 0.001  # streaming: more unreadable images than this stops the run
     c.data_dir = ""  # tfds data_dir; '' = tfds default.
     # A text file of class names (WordNet IDs for ImageNet), one a line: only these classes are
-    # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt). '' = every class.
+    # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt); streamed data only:
+    # an image folder's class folders or a tfds dataset's ClassLabel names. '' = every class.
     c.class_list = ""
     c.tfds_download = True
     c.synthetic_num_train = 512

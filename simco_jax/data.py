@@ -504,12 +504,24 @@ def any_host_reachable(addresses: list[tuple[str, int]], timeout_s: float | None
 def _alternatives(name: str) -> str:
     return (
         "Alternatives:\n"
-        f"  * on a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here "
-        f"and pass --config.data_dir=DIR;\n"
+        f"  * on a machine with internet run `tfds build {name} --data_dir=DIR` (the tfds command "
+        f"needs apache-beam installed), copy DIR here and pass --config.data_dir=DIR;\n"
         "  * save the arrays as an .npz file (train_images, train_labels, test_images, "
         "test_labels) and pass --config.dataset=npz --config.data_path=FILE.npz;\n"
         "  * for a smoke run without data pass --config.dataset=synthetic."
     )
+
+
+def _data_source_arrays(source, chunk: int = 4096):
+    """(images, labels) of a tfds data source: ArrayRecord files, which `as_dataset` cannot read."""
+    images, labels = [], []
+    for start in range(0, len(source), chunk):
+        for record in source.__getitems__(list(range(start, min(start + chunk, len(source))))):
+            images.append(record["image"])
+            labels.append(record["label"])
+    if not images:
+        return np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0,), np.int64)
+    return np.stack(images), np.asarray(labels, np.int64)
 
 
 def load_tfds(config: ml_collections.ConfigDict) -> Dataset:
@@ -530,10 +542,13 @@ def load_tfds(config: ml_collections.ConfigDict) -> Dataset:
     except tfds.core.registered.DatasetNotFoundError:
         close = difflib.get_close_matches(name, KNOWN_TFDS_DATASETS, n=3, cutoff=0.5)
         hint = f" Did you mean {close}?" if close else ""
+        where = repr(data_dir) if data_dir else "tfds's default data_dir"
         raise DataError(
             f"unknown dataset {name!r}.{hint} config.dataset takes 'synthetic', 'npz' (with "
-            f"--config.data_path) or a tfds image-classification name such as "
-            f"{', '.join(KNOWN_TFDS_DATASETS[:6])}; `tfds.list_builders()` lists all."
+            f"--config.data_path), a tfds image-classification name such as "
+            f"{', '.join(KNOWN_TFDS_DATASETS[:6])} (`tfds.list_builders()` lists all), or a "
+            f"dataset prepared in --config.data_dir ({where} holds no "
+            f"{name}/<version>/dataset_info.json)."
         ) from None
 
     features = builder.info.features
@@ -577,6 +592,8 @@ def load_tfds(config: ml_collections.ConfigDict) -> Dataset:
         )
 
     def split_arrays(split):
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            return _data_source_arrays(builder.as_data_source(split=split))  # no tf.data reader
         # Fixed-size chunks rather than batch_size=-1: that batches by the split's recorded size,
         # and where the size is unknown (mock_data) by sys.maxsize, which aborts TensorFlow.
         images, labels = [], []

@@ -86,8 +86,10 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     if resolve_mode(config) == "resident":
         if config.class_list:
             raise data.DataError(
-                "config.class_list selects class folders of dataset='imagefolder'; it is not "
-                f"applied to dataset={config.dataset!r}: set class_list=''."
+                f"dataset={config.dataset!r} is loaded resident here, and config.class_list "
+                f"applies to streamed data only (an image folder's class folders, a tfds "
+                f"dataset's ClassLabel names): set class_list='', or for a tfds dataset "
+                f"--config.input_mode=streaming."
             )
         dataset = data.load_dataset(config)
         batch = config.eval_batch_size
@@ -150,39 +152,40 @@ def read_class_list(path: str) -> list[str]:
 
 
 def open_splits(config):
-    """(name, train split, test split, num_classes) of a streamed dataset."""
+    """(name, train split, test split, num_classes) of a streamed dataset.
+
+    `config.class_list` selects classes of an image folder (class folders) or of a tfds dataset
+    (ClassLabel names, e.g. imagenet2012's WordNet IDs), labelled in sorted name order either way.
+    """
+    select = read_class_list(config.class_list) if config.class_list else None
     if config.dataset == "imagefolder":
         root = os.path.expanduser(config.data_path)
-        select = read_class_list(config.class_list) if config.class_list else None
         train, classes = streaming.image_folder_split(os.path.join(root, "train"), select=select)
         test, _ = streaming.image_folder_split(os.path.join(root, "val"), classes, select=select)
         return os.path.basename(os.path.normpath(root)), train, test, len(classes)
-    if config.class_list:  # refused before any data is read: no silent use of every class
-        raise data.DataError(
-            f"config.class_list selects class folders of dataset='imagefolder'; it is not "
-            f"applied to dataset={config.dataset!r}. Use an image folder (e.g. ImageNet-100: "
-            f"--config.dataset=imagefolder --config.data_path=ROOT) or class_list=''."
-        )
     if config.dataset in ("synthetic", "npz"):  # resident data, streamed on request
+        if select:  # refused before any data is read: no silent use of every class
+            raise data.DataError(
+                f"config.class_list selects classes of an image folder or a tfds dataset; "
+                f"dataset={config.dataset!r} has no class names: set class_list=''."
+            )
         dataset = data.load_dataset(config)
         train = streaming.array_split("train", dataset.train_images, dataset.train_labels)
         test = streaming.array_split("test", dataset.test_images, dataset.test_labels)
         return dataset.name, train, test, dataset.num_classes
-    import tensorflow_datasets as tfds
-
     data_dir = config.data_dir or None
-    builder = tfds.builder(config.dataset, data_dir=data_dir)
-    if not builder.is_prepared():
+    builder = streaming.open_tfds(config.dataset, data_dir)
+    splits = builder.info.splits
+    eval_split = "validation" if "validation" in splits else "test"
+    if "train" not in splits or eval_split not in splits:
         raise data.DataError(
-            f"tfds dataset {config.dataset!r} is not prepared in {builder.data_dir!r}. Streaming "
-            f"reads ArrayRecord files: `tfds build {config.dataset} --data_dir=DIR "
-            f"--file_format=array_record` (imagenet2012: add --manual_dir=DIR_WITH_THE_TARS), "
-            f"then pass --config.data_dir=DIR."
+            f"tfds dataset {config.dataset!r} has splits {sorted(splits)}; streaming needs "
+            f"'train' and 'validation' or 'test'."
         )
-    eval_split = "validation" if "validation" in builder.info.splits else "test"
-    train = streaming.tfds_split(config.dataset, "train", data_dir)
-    test = streaming.tfds_split(config.dataset, eval_split, data_dir)
-    return config.dataset, train, test, builder.info.features["label"].num_classes
+    train = streaming.tfds_split(config.dataset, "train", data_dir, select=select)
+    test = streaming.tfds_split(config.dataset, eval_split, data_dir, select=select)
+    num_classes = len(select) if select else builder.info.features["label"].num_classes
+    return config.dataset, train, test, num_classes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,20 +14,22 @@ Determinism, whatever the thread scheduling or the process count:
   seeded with (seed, s);
 * the stream is a pure function of the step: resuming at step s rebuilds it from s.
 
-Sources (`open_splits`): an image folder in torchvision's ImageFolder layout, a tfds dataset read
-through `tfds.data_source` (ArrayRecord), or in-memory arrays (a resident dataset forced to
-stream, for tests and benchmarks).
+Sources (`open_splits`): an image folder in torchvision's ImageFolder layout, a prepared tfds
+dataset read at random through its data source (ArrayRecord files), either restricted to listed
+classes, or in-memory arrays (a resident dataset forced to stream, for tests and benchmarks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import logging
 import math
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Callable
 
@@ -155,27 +157,186 @@ def array_split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
     return Split(name, len(images), load, lambda i: f"{name}[{i}]")
 
 
-def tfds_split(name: str, split: str, data_dir: str | None) -> Split:
-    """A split of a prepared tfds dataset, read at random through `tfds.data_source`.
+def _prepare_hint(name: str) -> str:
+    return (
+        f"Streaming reads the ArrayRecord format: prepare it with `tfds.builder({name!r}, "
+        f"data_dir=DIR, file_format='array_record').download_and_prepare()` (imagenet2012: "
+        f"download_config=tfds.download.DownloadConfig(manual_dir=DIR_WITH_THE_TARS); the `tfds "
+        f"build ... --file_format=array_record` command does the same but needs apache-beam), "
+        f"then pass --config.data_dir=DIR."
+    )
 
-    Needs the ArrayRecord file format (`tfds build NAME --file_format=array_record`); the images
-    stay encoded until a worker decodes them.
+
+def open_tfds(name: str, data_dir: str | None):
+    """The builder of a tfds dataset prepared in `data_dir` for random access.
+
+    A dataset that tfds has no code for (a user's own, or one prepared by a newer tfds) is found
+    from its files, `DIR/NAME/VERSION/dataset_info.json` (`tfds.builder` falls back to
+    `read_only_builder.builder_from_files`). Raises DataError for an unknown or unprepared
+    dataset, one without random access, or one without `image` and ClassLabel `label` features.
     """
     import tensorflow_datasets as tfds
 
-    source = tfds.data_source(
-        name,
-        split=split,
-        data_dir=data_dir,
-        download=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    )
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        where = repr(data_dir) if data_dir else "tfds's default data_dir"
+        raise data.DataError(
+            f"tfds dataset {name!r} is neither a tfds builder nor prepared in {where} (no "
+            f"{name}/<version>/dataset_info.json there). {_prepare_hint(name)}"
+        ) from None
+    if not builder.is_prepared():
+        raise data.DataError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir!r}. {_prepare_hint(name)}"
+        )
+    formats = builder.info.available_file_formats()
+    if not formats & tfds.core.file_adapters.FileFormat.with_random_access():
+        raise data.DataError(
+            f"tfds dataset {name!r} is prepared in {builder.data_dir!r} as "
+            f"{', '.join(sorted(f.value for f in formats))}, which tfds cannot read at random; "
+            f"streaming needs ArrayRecord: prepare it again with file_format='array_record' in "
+            f"another data_dir, or convert it with `tfds convert_format "
+            f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record`."
+        )
+    features = builder.info.features
+    if "image" not in features or not isinstance(
+        features["label"] if "label" in features else None, tfds.features.ClassLabel
+    ):
+        raise data.DataError(
+            f"tfds dataset {name!r} has features {sorted(features.keys())}; streaming needs an "
+            f"'image' and a ClassLabel 'label'."
+        )
+    return builder
+
+
+def tfds_split(
+    name: str, split: str, data_dir: str | None, *, select: list[str] | None = None
+) -> Split:
+    """A split of a prepared tfds dataset, read at random through its ArrayRecord data source;
+    the images stay encoded until a worker decodes them.
+
+    `select`: only the records whose ClassLabel name is listed (e.g. ImageNet-100), labelled by
+    the names' sorted order, as an image folder of those classes is labelled; each must be a
+    class of the dataset. Which records they are comes from one scan of the split's labels,
+    cached (`class_records`). The split's i-th example is the i-th selected record, so the
+    global order and the sharding are those of any other split of that size.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = open_tfds(name, data_dir)
+    source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    title, records, relabel = f"{name}[{split}]", None, None
+    if select is not None:
+        names = builder.info.features["label"].names
+        missing = sorted(set(select) - set(names))
+        if missing:
+            raise data.DataError(
+                f"tfds dataset {name!r} lacks {len(missing)} of the {len(set(select))} classes "
+                f"of config.class_list, e.g. {missing[:_SHOW_FILES]}; its labels are named "
+                f"like {names[:2]}."
+            )
+        classes = sorted(set(select))
+        relabel = np.full(len(names), -1, np.int64)
+        relabel[[names.index(c) for c in classes]] = np.arange(len(classes))
+        records = class_records(builder, split, source, relabel >= 0)
+        title = f"{name}[{split}], the {len(classes)} classes of config.class_list"
 
     def load(i):
-        record = source[i]
-        return decode_rgb(io.BytesIO(record["image"])), int(record["label"])
+        record = source[i if records is None else int(records[i])]
+        label = int(record["label"])
+        if relabel is not None:
+            if relabel[label] < 0:  # not an OSError/ValueError: no unreadable-file replacement
+                raise RuntimeError(
+                    f"{name}[{split}] record {records[i]} has label {label}, which "
+                    f"config.class_list does not select: the cached selection is stale; delete "
+                    f"{_selection_file(builder, split, relabel >= 0)} in "
+                    f"{selection_cache_dirs(builder)} and rerun."
+                )
+            label = int(relabel[label])
+        return decode_rgb(io.BytesIO(record["image"])), label
 
-    return Split(f"{name}[{split}]", len(source), load, lambda i: f"{name}[{split}][{i}]")
+    def describe(i):
+        return f"{name}[{split}][{i if records is None else int(records[i])}]"
+
+    size = len(source) if records is None else len(records)
+    return Split(title, size, load, describe)
+
+
+def _selection_file(builder, split: str, selected: np.ndarray) -> str:
+    """The cache file's name: dataset, config, version, split and a hash of the selected ids."""
+    digest = hashlib.sha256(np.flatnonzero(selected).astype(np.int64).tobytes()).hexdigest()
+    return f"{builder.info.full_name.replace('/', '-')}-{split}-classes-{digest[:16]}.npy"
+
+
+def selection_cache_dirs(builder) -> list[str]:
+    """Where a class selection is cached, first choice first: beside the prepared data (its
+    version directory) when that is a local directory, and the user's cache directory."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    places = [os.path.join(cache, "simco_jax", "class_selections")]
+    data_dir = os.fspath(builder.data_dir)
+    return places if "://" in data_dir else [data_dir, *places]
+
+
+def class_records(builder, split: str, source, selected: np.ndarray) -> np.ndarray:
+    """Indices of the records of `split` whose label id is `selected`, ascending.
+
+    Finding them reads every record once (ImageNet's whole training split), so they are cached
+    as .npy keyed by dataset, version, split and the selected ids, written atomically (a
+    temporary file renamed into place: processes that compute it at once write the same bytes).
+    """
+    file_name = _selection_file(builder, split, selected)
+    places = selection_cache_dirs(builder)
+    for place in places:
+        records = _load_records(os.path.join(place, file_name), len(source))
+        if records is not None:
+            return records
+    log.info("reading the labels of %s[%s] to select config.class_list", builder.name, split)
+    records = np.flatnonzero(selected[read_labels(source)])
+    for place in places:
+        try:
+            _save_atomically(os.path.join(place, file_name), records)
+            log.info("cached the %d selected records in %s", len(records), place)
+            break
+        except OSError as error:
+            log.info("cannot cache the class selection in %s (%s)", place, error)
+    return records
+
+
+def read_labels(source, chunk: int = 1024) -> np.ndarray:
+    """Every record's label, in record order (images are read but not decoded)."""
+    labels = np.empty(len(source), np.int64)
+    for start in range(0, len(source), chunk):
+        keys = list(range(start, min(start + chunk, len(source))))
+        labels[start : start + len(keys)] = [r["label"] for r in source.__getitems__(keys)]
+    return labels
+
+
+def _load_records(path: str, size: int) -> np.ndarray | None:
+    """A cached selection, or None if absent or not a valid one for a split of `size`."""
+    try:
+        records = np.load(path)
+    except (OSError, ValueError):
+        return None
+    valid = (
+        records.ndim == 1
+        and records.dtype == np.int64
+        and np.all(np.diff(records) > 0)
+        and (len(records) == 0 or (records[0] >= 0 and records[-1] < size))
+    )
+    return records if valid else None
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from the other users of the data
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

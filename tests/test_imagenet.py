@@ -182,12 +182,14 @@ def test_imagenet100_selects_exactly_the_listed_classes(tmp_path):
     assert wnids == sorted(listed)  # labels in sorted class order, as torchvision's
     assert [train.load(i)[1] for i in range(len(train))] == list(range(100))
     assert [os.path.basename(os.path.dirname(p)) for p in test.paths] == sorted(listed)
-    # A listed class without a folder is named; the list is refused for a non-folder dataset.
+    # A listed class without a folder is named.
     os.rename(os.path.join(tmp_path, "val", listed[0]), os.path.join(tmp_path, "val_x"))
     with pytest.raises(inputs.data.DataError, match=f"lacks 1 of the 100 classes.*{listed[0]}"):
         inputs.open_splits(config)
-    with pytest.raises(inputs.data.DataError, match="class_list selects class folders"):
-        inputs.create(imagenet_config("simco", "imagenet100"), None)
+    # tfds imagenet2012 takes the list too (tests/test_tfds_streaming.py); here it is unprepared.
+    tfds_config = imagenet_config("simco", "imagenet100", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(inputs.data.DataError, match="'imagenet2012' is not prepared in"):
+        inputs.create(tfds_config, None)
 
 
 @pytest.mark.slow
