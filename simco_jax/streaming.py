@@ -239,7 +239,9 @@ def tfds_split(
         relabel = np.full(len(names), -1, np.int64)
         relabel[[names.index(c) for c in classes]] = np.arange(len(classes))
         records = class_records(builder, split, source, relabel >= 0)
-        title = f"{name}[{split}], the {len(classes)} classes of config.class_list"
+        # The name is the checkpoint's data fingerprint here (no file paths): it names the list.
+        listed = hashlib.sha256("\n".join(classes).encode()).hexdigest()[:8]
+        title = f"{name}[{split}], the {len(classes)} classes of config.class_list ({listed})"
 
     def load(i):
         record = source[i if records is None else int(records[i])]

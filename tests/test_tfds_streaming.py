@@ -238,6 +238,12 @@ def test_class_list_selects_the_listed_records_relabelled_in_sorted_name_order(
     _remove_selection_files(tfds_dir, tmp_path)
     _, train_fresh, _, _ = inputs.open_splits(config)
     assert reads == [48, 18, 48, 18] and _loaded(train_fresh) == _loaded(train)
+    # The checkpoint's data fingerprint tells two lists of the same size apart.
+    other = [n for n in tiny_tfds.WNIDS if n not in LISTED][:3]
+    config.class_list = _class_list(tmp_path, other, "other.txt")
+    other_train = inputs.open_splits(config)[1]
+    assert inputs._split_identity(other_train) != inputs._split_identity(train_fresh)
+    config.class_list = _class_list(tmp_path, sorted(LISTED), "sorted.txt")
     # The streamed order acts on positions in the selection: batch 0 is epoch 0's first positions.
     data_ = inputs.create(config, parallel.make_mesh())
     assert data_.num_classes == 3 and data_.num_train == len(train)
