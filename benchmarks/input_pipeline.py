@@ -6,14 +6,15 @@ r"""Streaming input: host pipeline throughput per core, and the end-to-end step 
 
 1. Host pipeline: decoded and cropped image *pairs* per second (two RandomResizedCrop views of
    one decode, resized to 224×224, uint8) for each candidate loader, with 1 and 2 threads:
-   * grain + PIL (what `simco_jax.streaming` runs): `grain.MapDataset.map` over our
-     `streaming.train_example`, `ReadOptions(num_threads=T)`;
+   * grain + PIL (what `simco_jax.streaming` runs): `streaming.grain_batches` over our
+     `streaming.train_example` (a batch per grain task), `ReadOptions(num_threads=T)`;
    * tf.data + tf.image: `tf.io.decode_jpeg`, two `crop_to_bounding_box`, bilinear
      `tf.image.resize(antialias=True)`, `num_parallel_calls=T`, private thread pool of T.
    From the one-thread figure: host cores needed to feed one GPU at 3,000 img/s (ResNet-50).
 2. End-to-end: the smoke SimCo step (width-4 ResNet-18, 16×16 crops, batch 32) fed by the
-   resident input and by the streaming input from the same in-memory images, steps per second
-   after warm-up.
+   resident input and by the streaming input (one thread) from the same in-memory images, timed
+   in alternating rounds after warm-up: wall-clock seconds per step and the process's CPU
+   seconds per step (the step's and the host pipeline's threads: on a CPU they share the cores).
 The generated JPEGs are ~400×350 and ~110 KB, like ImageNet's average training image.
 """
 
