@@ -294,6 +294,35 @@ def test_processes_read_disjoint_slices_of_one_global_batch():
     assert not np.array_equal(streaming.epoch_order(7, 1, n), streaming.epoch_order(7, 0, n))
 
 
+@pytest.mark.parametrize("processes", [1, 2, 3, 4, 8])
+def test_every_eval_image_is_read_once_by_one_process_and_padding_is_masked(processes):
+    """`eval_indices` on every process of a run: the real indices of all processes are each
+    example exactly once, in the split's order within each global batch; the rest is padding
+    (−1, which `eval_example` turns into a label −1 row); and every process has the same
+    number of batches, also one whose slices ran out (it still joins the batch's collectives).
+    Eval sizes below the process count, below one batch, a multiple of the batch or not."""
+    for per_process in (1, 2, 3):
+        batch = processes * per_process  # the eval batch is a multiple of the device count
+        sizes = {1, processes - 1, batch - 1, batch, batch + 1, 3 * batch, 3 * batch + 5, 97}
+        for n in sorted(size for size in sizes if size >= 1):
+            shares = [
+                streaming.eval_indices(n, batch, streaming.Sharding(p, processes))
+                for p in range(processes)
+            ]
+            batches = -(-n // batch)
+            assert all(share.shape == (batches, per_process) for share in shares), (n, batch)
+            # Process p's rows are rows [p·local, (p+1)·local) of the global batch.
+            whole = np.concatenate(shares, axis=1)
+            assert whole.shape == (batches, batch)
+            flat = whole.reshape(-1)
+            np.testing.assert_array_equal(flat[:n], np.arange(n))
+            assert np.all(flat[n:] == -1)
+    with pytest.raises(data.DataError, match="does not split evenly over 3 processes"):
+        streaming.eval_indices(10, 4, streaming.Sharding(0, 3))
+    padding = streaming.eval_example(-1, files=None, crop_size=16)
+    assert padding["label"] == -1 and padding["image"].shape == (16, 16, 3)
+
+
 def _host_batches(split, start, count, threads, shard=None, batch=32):
     shard = shard or streaming.Sharding(0, 1)
     files = streaming.UnreadableFiles(split, 0.02)
