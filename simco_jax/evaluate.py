@@ -13,7 +13,7 @@ equals the direct computation on one device (up to the order of the k-term vote 
 
 The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
 `type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
-`run(state, report) -> {metric: float}` when the period comes (`report(done, total)` drives the
+`run(state, report) -> {metric: number}` when the period comes (`report(done, total)` drives the
 progress display and may be ignored), writing `<entry name>_<metric>`. A type is a key of
 `EVALUATORS` or the import path of a module that defines a class `Evaluator` with that
 constructor and `run`: a new evaluator is one module plus one config entry, e.g.
