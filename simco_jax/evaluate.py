@@ -13,7 +13,7 @@ equals the direct computation on one device (up to the order of the k-term vote 
 
 The evaluator registry (as big_vision's `config.evals`): each entry of `config.evals` names a
 `type` and a period; the trainer builds `evaluator_class(type)(context, entry)` once and calls its
-`run(state, report) -> {metric: float}` when the period comes (`report(done, total)` drives the
+`run(state, report) -> {metric: number}` when the period comes (`report(done, total)` drives the
 progress display and may be ignored), writing `<entry name>_<metric>`. A type is a key of
 `EVALUATORS` or the import path of a module that defines a class `Evaluator` with that
 constructor and `run`: a new evaluator is one module plus one config entry, e.g.
@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def topk_correct(scores, labels, ks=(1, 5)):
-    """Number of rows whose label is among the top-k scores, for each k; label < 0 is padding."""
+    """Number of rows whose label is among the top-k scores, for each k, and `examples`: the
+    number of rows scored; label < 0 is padding, counted nowhere."""
     ranked = jnp.argsort(-scores, axis=-1)
     hits = ranked == labels[:, None]
     valid = labels >= 0
-    return {f"top{k}": jnp.sum(jnp.any(hits[:, :k], axis=-1) & valid) for k in ks}
+    counts = {f"top{k}": jnp.sum(jnp.any(hits[:, :k], axis=-1) & valid) for k in ks}
+    return {**counts, "examples": jnp.sum(valid)}
 
 
 def knn_scores(train_features, train_labels, query_features, *, k, temperature, num_classes):
@@ -97,6 +99,11 @@ def sharded_knn_scores(
         # all_gather's result is the same on every device, but JAX does not infer it.
         check_vma=False,
     )(bank_features, bank_labels, query_features)
+
+
+def _percent(totals: dict, num_examples: int) -> dict:
+    """Hit counts summed over the batches → percent of the split; `examples` stays a count."""
+    return {k: v if k == "examples" else 100.0 * v / num_examples for k, v in totals.items()}
 
 
 def _no_report(done: int, total: int) -> None:
@@ -178,11 +185,13 @@ class Evaluator:
         self._knn_compiled = None  # compiled at the first kNN evaluation, memory logged then
 
     def probe_accuracy(self, state, report=_no_report) -> dict:
-        """{'probe_top1', 'probe_top5'}: the online probe on the test set, in %."""
+        """{'probe_top1', 'probe_top5'}: the online probe on the test set, in %, and
+        'probe_examples': how many test images it scored."""
         return {f"probe_{k}": v for k, v in self.probe_topk(state, report).items()}
 
     def knn_accuracy(self, state, report=_no_report) -> dict:
-        """{'knn_top1', 'knn_top5'}: the kNN monitor on the test set, in %."""
+        """{'knn_top1', 'knn_top5'}: the kNN monitor on the test set, in %, and 'knn_examples':
+        how many test images it scored."""
         return {f"knn_{k}": v for k, v in self.knn_topk(state, report).items()}
 
     def features(self, state, source) -> jax.Array:
@@ -194,16 +203,18 @@ class Evaluator:
         )
 
     def probe_topk(self, state, report=_no_report) -> dict:
-        """Online-probe top-1/top-5 in percent; `report(done, total)` follows the batches."""
+        """Online-probe top-1/top-5 in percent and the number of test images scored (padding
+        excluded: the test set's size unless rows went missing or were read twice);
+        `report(done, total)` follows the batches."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         report(0, self.test.num_batches)
-        totals = {"top1": 0, "top5": 0}
+        totals = {"top1": 0, "top5": 0, "examples": 0}
         for done, (images, labels, start) in enumerate(self.test.batches(), 1):
             feats = self._features(variables, images, start)
             counts = parallel.to_host(self._probe_counts(state.probe_params, feats, labels, start))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
             report(done, self.test.num_batches)
-        return {k: 100.0 * v / self.num_test for k, v in totals.items()}
+        return _percent(totals, self.num_test)
 
     def _empty_bank(self, dim: int):
         shape = (self.train.num_batches, self.bank_rows)
@@ -226,8 +237,9 @@ class Evaluator:
         return bank
 
     def knn_topk(self, state, report=_no_report) -> dict:
-        """kNN top-1/top-5 in percent; `report(done, total)` follows the batches (the training
-        set's feature bank, then the test set's features and scores)."""
+        """kNN top-1/top-5 in percent and the number of test images scored; `report(done,
+        total)` follows the batches (the training set's feature bank, then the test set's
+        features and scores)."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         total = self.train.num_batches + self.test.num_batches
         done = 0
@@ -241,7 +253,7 @@ class Evaluator:
             report(done, total)
 
         bank_feats, bank_labels = self.knn_bank(state, batch_done)
-        totals = {"top1": 0, "top5": 0}
+        totals = {"top1": 0, "top5": 0, "examples": 0}
         for images, labels, start in self.test.batches():
             test_feats = self._features(variables, images, start)
             args = (bank_feats, bank_labels, test_feats, labels, start)
@@ -251,7 +263,7 @@ class Evaluator:
             counts = parallel.to_host(self._knn_compiled(*args))
             totals = {k: totals[k] + int(counts[k]) for k in totals}
             batch_done(counts)
-        return {k: 100.0 * v / self.num_test for k, v in totals.items()}
+        return _percent(totals, self.num_test)
 
     def _log_knn_memory(self, bank_feats, compiled):
         """Logs the bank's bytes per device and the scoring step's compiled temporary memory."""

@@ -375,30 +375,30 @@ class StreamingTrain:
 
 
 class StreamingEval:
-    """A split streamed in order with the evaluation transform, padded with label −1 rows."""
+    """A split streamed in order with the evaluation transform, padded with label −1 rows.
+
+    Which examples this process reads is `streaming.eval_indices`: the same number of batches on
+    every process, the real rows of all processes every example exactly once."""
 
     def __init__(self, split: streaming.Split, config, batch: int, mesh, threads: int):
         self.split = split
         self.batch_size = batch
         self.num_examples = len(split)
-        self.num_batches = -(-len(split) // batch)
+        self.shard = _process_shard()
+        self.indices = streaming.eval_indices(len(split), batch, self.shard)
+        self.num_batches = len(self.indices)
         self.crop_size = config.crop_size
         self.threads = threads
-        self.shard = _process_shard()
         self.files = streaming.UnreadableFiles(split, config.max_unreadable_fraction)
         self.sharding = parallel.batch_sharded(mesh)
 
     def batches(self):
-        local = self.shard.local(self.batch_size)
-        num_batches = self.num_batches
+        local = self.indices.shape[1]
+        indices = self.indices.reshape(-1)
 
         def example(k):
             return streaming.eval_example(
-                k,
-                files=self.files,
-                global_batch=self.batch_size,
-                shard=self.shard,
-                crop_size=self.crop_size,
+                int(indices[k]), files=self.files, crop_size=self.crop_size
             )
 
         def to_device(batch):
@@ -406,7 +406,7 @@ class StreamingEval:
             labels = _global_array(batch["label"], self.sharding, self.batch_size)
             return images, labels, np.int32(0)
 
-        batches = streaming.grain_batches(example, 0, num_batches * local, local, self.threads)
+        batches = streaming.grain_batches(example, 0, len(indices), local, self.threads)
         stream = streaming.Prefetcher(batches, to_device)
         try:
             yield from stream

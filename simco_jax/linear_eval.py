@@ -301,6 +301,7 @@ def _train_linear(
     return {
         "top1": results["probe_top1"],
         "top5": results["probe_top5"],
+        "eval_examples": results["probe_examples"],  # test images scored: the test set's size
         "final_loss": loss_mean,
         "final_train_top1": acc_mean,
         "steps": total_steps,
@@ -372,7 +373,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         )
         linear.update(common, wall_s=time.perf_counter() - start)
         _write_json(linear, config.pretrained, workdir, name="linear_eval.json")
-        log.info("linear eval: top-1 %.2f top-5 %.2f", linear["top1"], linear["top5"])
+        log.info(
+            "linear eval: top-1 %.2f top-5 %.2f on %d test images",
+            linear["top1"],
+            linear["top5"],
+            linear["eval_examples"],
+        )
         results["linear"] = linear
     if config.mode in ("knn", "both"):
         start = time.perf_counter()
@@ -384,13 +390,19 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn = {
             "top1": knn["knn_top1"],
             "top5": knn["knn_top5"],
+            "eval_examples": knn["knn_examples"],
             "k": min(config.knn_k, data.num_train),
             "temperature": config.knn_temperature,
             **common,
             "wall_s": time.perf_counter() - start,
         }
         _write_json(knn, config.pretrained, workdir, name="knn_eval.json")
-        log.info("kNN eval: top-1 %.2f top-5 %.2f", knn["top1"], knn["top5"])
+        log.info(
+            "kNN eval: top-1 %.2f top-5 %.2f on %d test images",
+            knn["top1"],
+            knn["top5"],
+            knn["eval_examples"],
+        )
         results["knn"] = knn
     data.close()
     return results

@@ -521,14 +521,29 @@ def train_example(
     return {"view1": view1, "view2": view2, "label": np.int32(label), "step": np.int32(step)}
 
 
-def eval_example(k: int, *, files: UnreadableFiles, global_batch, shard, crop_size):
-    """The k-th example of this process's eval share; past the split's end: padding, label −1."""
+def eval_indices(num_examples: int, global_batch: int, shard: Sharding) -> np.ndarray:
+    """This process's share of every evaluation batch: (batches, local) split indices, −1 for
+    padding.
+
+    Eval batch b is positions [b·B, (b+1)·B) of the split in order; process p reads the p-th of
+    `shard.count` equal slices of it, and positions past the split's end are padding. Every
+    process gets the same number of batches, so a process whose slices have run out still joins
+    each batch's collectives (with padding only), and the real indices of all processes together
+    are every index of the split exactly once.
+    """
     local = shard.local(global_batch)
-    batch, j = divmod(k, local)
-    position = batch * global_batch + shard.index * local + j
-    if position >= len(files.split):
+    batches = -(-num_examples // global_batch)
+    positions = (
+        np.arange(batches)[:, None] * global_batch + shard.index * local + np.arange(local)[None]
+    )
+    return np.where(positions < num_examples, positions, -1)
+
+
+def eval_example(index: int, *, files: UnreadableFiles, crop_size):
+    """Example `index` of the split, centre-cropped; index −1 is padding (zeros, label −1)."""
+    if index < 0:
         return {"image": np.zeros((crop_size, crop_size, 3), np.uint8), "label": np.int32(-1)}
-    image, label = files.load(position)
+    image, label = files.load(index)
     return {"image": center_crop_eval(image, crop_size), "label": np.int32(label)}
 
 

@@ -51,6 +51,8 @@ class MetricWriter:
 
 
 def _plain(value):
+    if isinstance(value, int):  # counts (e.g. probe_examples) stay integers in the JSON
+        return value
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -305,6 +305,35 @@ def test_processes_read_disjoint_slices_of_one_global_batch():
     assert not np.array_equal(streaming.epoch_order(7, 1, n), streaming.epoch_order(7, 0, n))
 
 
+@pytest.mark.parametrize("processes", [1, 2, 3, 4, 8])
+def test_every_eval_image_is_read_once_by_one_process_and_padding_is_masked(processes):
+    """`eval_indices` on every process of a run: the real indices of all processes are each
+    example exactly once, in the split's order within each global batch; the rest is padding
+    (−1, which `eval_example` turns into a label −1 row); and every process has the same
+    number of batches, also one whose slices ran out (it still joins the batch's collectives).
+    Eval sizes below the process count, below one batch, a multiple of the batch or not."""
+    for per_process in (1, 2, 3):
+        batch = processes * per_process  # the eval batch is a multiple of the device count
+        sizes = {1, processes - 1, batch - 1, batch, batch + 1, 3 * batch, 3 * batch + 5, 97}
+        for n in sorted(size for size in sizes if size >= 1):
+            shares = [
+                streaming.eval_indices(n, batch, streaming.Sharding(p, processes))
+                for p in range(processes)
+            ]
+            batches = -(-n // batch)
+            assert all(share.shape == (batches, per_process) for share in shares), (n, batch)
+            # Process p's rows are rows [p·local, (p+1)·local) of the global batch.
+            whole = np.concatenate(shares, axis=1)
+            assert whole.shape == (batches, batch)
+            flat = whole.reshape(-1)
+            np.testing.assert_array_equal(flat[:n], np.arange(n))
+            assert np.all(flat[n:] == -1)
+    with pytest.raises(data.DataError, match="does not split evenly over 3 processes"):
+        streaming.eval_indices(10, 4, streaming.Sharding(0, 3))
+    padding = streaming.eval_example(-1, files=None, crop_size=16)
+    assert padding["label"] == -1 and padding["image"].shape == (16, 16, 3)
+
+
 def _host_batches(split, start, count, threads, shard=None, batch=32):
     shard = shard or streaming.Sharding(0, 1)
     files = streaming.UnreadableFiles(split, 0.02)
@@ -627,3 +656,72 @@ def test_streamed_evaluation_counts_every_image_once_on_one_and_eight_devices(fo
         assert [label for label in rows if label >= 0] == expected
         assert all(label == -1 for label in rows[len(expected) :])
         assert len(out["rows"][0]) % devices == 0  # eval batches split evenly over the devices
+
+
+# The pretrained run of the evaluation test: synthetic data streamed, 21 test and 99 training
+# images in eval batches of 16. On 2 processes × 4 devices process 1's slice of the last batch of
+# either split is padding only, and neither size divides by 2 or 8.
+EVAL_RUN = dict(
+    input_mode="streaming",
+    synthetic_num_train=99,
+    synthetic_num_test=21,
+    eval_batch_size=16,
+    max_steps=2,
+    checkpoint_every_steps=2,
+)
+
+
+@pytest.mark.slow
+def test_streamed_evaluation_on_two_processes_equals_one_process_and_one_device(tmp_path):
+    """The probe and kNN evaluators, and the offline linear evaluation (classifier, then kNN), of
+    one streamed checkpoint on 1 device (this process), on 8 devices, and on 2 processes × 4
+    devices: the same accuracies, every test image scored exactly once."""
+    import shutil
+
+    import eval_worker
+    from helpers import tail, wait
+    from test_distributed import ATOL, RTOL, _devices_env, _free_port, _processes
+
+    pretrained = tmp_path / "pretrained"
+    summary = train.train_and_evaluate(framework_config("simco", **EVAL_RUN), str(pretrained))
+    num_test = EVAL_RUN["synthetic_num_test"]
+    runs = {}
+    for name in ("one", "eight", "two"):  # each writes its offline results beside its copy
+        runs[name] = str(shutil.copytree(pretrained, tmp_path / name / "pretrained"))
+    worker = os.path.join(REPO, "tests", "eval_worker.py")
+    port = _free_port()
+    commands = [([worker, runs["eight"], str(tmp_path / "eight")], _devices_env(8))] + [
+        (
+            [worker, runs["two"], str(tmp_path / "two"), f"127.0.0.1:{port}", "2", str(i)],
+            _devices_env(4),
+        )
+        for i in range(2)
+    ]
+    with _processes(commands, str(tmp_path), "eval") as started:
+        one = eval_worker.evaluate(runs["one"], str(tmp_path / "one"))  # meanwhile, here
+        for process, log_path in started:
+            assert wait(process, log_path) == 0, tail(log_path)
+    load = lambda name, i: json.loads((tmp_path / name / f"p{i}.json").read_text())
+    results = {"eight": load("eight", 0), "two, process 0": load("two", 0)}
+    results["two, process 1"] = load("two", 1)
+    assert (one["devices"], one["processes"]) == (1, 1)
+    assert (results["eight"]["devices"], results["eight"]["processes"]) == (8, 1)
+    assert (results["two, process 1"]["devices"], results["two, process 1"]["processes"]) == (8, 2)
+
+    # On one device the evaluators give what the trainer logged at the run's last step.
+    for metric in ("probe_top1", "probe_top5", "probe_examples", "knn_top1", "knn_examples"):
+        assert one[metric.split("_")[0]][metric] == summary[metric], metric
+    # Each count is the test set's size: no image missed, none scored twice, padding masked.
+    assert one["probe"]["probe_examples"] == one["knn"]["knn_examples"] == num_test
+    offline = one["linear"]
+    assert offline["linear"]["eval_examples"] == offline["knn"]["eval_examples"] == num_test
+    assert offline["knn"]["top1"] == one["knn"]["knn_top1"]  # same checkpoint, k and images
+    assert offline["linear"]["steps"] == 2 and np.isfinite(offline["linear"]["final_loss"])
+    # Any device or process count: the same numbers (the linear classifier's training loss up to
+    # float32 summation order).
+    for name, result in results.items():
+        assert result["probe"] == one["probe"] and result["knn"] == one["knn"], name
+        linear, expected = dict(result["linear"]["linear"]), dict(offline["linear"])
+        for key in ("final_loss", "final_train_top1"):
+            np.testing.assert_allclose(linear.pop(key), expected.pop(key), rtol=RTOL, atol=ATOL)
+        assert linear == expected and result["linear"]["knn"] == offline["knn"], name
