@@ -214,7 +214,12 @@ def step_times(steps: int, rounds: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--image_dir", default="", help="real JPEGs to measure on (default: generated)")
-    p.add_argument("--num_images", type=int, default=128, help="generated JPEGs")
+    p.add_argument(
+        "--num_images",
+        type=int,
+        default=0,
+        help="images: generated (default 128), or the first found in --image_dir (default 1000)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="passes over the images per figure")
     p.add_argument("--steps", type=int, default=20, help="train steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per input mode")
@@ -223,9 +228,9 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as scratch:
         paths = (
-            list_jpegs(args.image_dir)
+            list_jpegs(args.image_dir)[: args.num_images or 1000]
             if args.image_dir
-            else generate_jpegs(scratch, args.num_images)
+            else generate_jpegs(scratch, args.num_images or 128)
         )
         sizes = [os.path.getsize(x) for x in paths]
         with Image.open(paths[0]) as first:
