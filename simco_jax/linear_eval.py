@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.eval_batch_size = 1024
+    # The test set: a tfds dataset as the training key (e.g. imagenet_v2), '' = the pretraining
+    # dataset's own; unset = the pretrained run's eval_dataset.
+    c.eval_dataset = ml_collections.config_dict.placeholder(str)
     c.seed = 0
     return c
 
@@ -84,6 +87,8 @@ def validate(config) -> None:
             fail(f"{key} must be > 0, got {config[key]!r}")
     if not 0.0 < config.linear_min_scale <= 1.0:
         fail(f"linear_min_scale must lie in (0, 1], got {config.linear_min_scale}")
+    if not isinstance(config.eval_dataset, (str, type(None))):
+        fail(f"eval_dataset must be a tfds name or '', got {config.eval_dataset!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +349,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn_temperature=config.knn_temperature,
         eval_batch_size=config.eval_batch_size,
     )
+    if config.eval_dataset is not None:
+        eval_config.eval_dataset = config.eval_dataset
     # The linear classifier's input: its own batch size, crop scale, epochs and order seed (the
     # run's seed stays: synthetic data is generated from it).
     input_config = ml_collections.ConfigDict(eval_config.to_dict())
@@ -362,6 +369,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         "pretrained": os.path.abspath(config.pretrained),
         "pretrained_step": run.step,
         "dataset": data.name,
+        "eval_dataset": eval_config.eval_dataset or data.name,
         "device": _device_description(),
     }
     log.info("evaluating %s at step %d on %s", config.pretrained, run.step, data.name)
