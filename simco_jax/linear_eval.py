@@ -87,8 +87,6 @@ def validate(config) -> None:
             fail(f"{key} must be > 0, got {config[key]!r}")
     if not 0.0 < config.linear_min_scale <= 1.0:
         fail(f"linear_min_scale must lie in (0, 1], got {config.linear_min_scale}")
-    if not isinstance(config.eval_dataset, (str, type(None))):
-        fail(f"eval_dataset must be a tfds name or '', got {config.eval_dataset!r}")
 
 
 # --------------------------------------------------------------------------------------------
