@@ -10,7 +10,9 @@ top-1/top-5 on the clean test set. The kNN is the training run's cosine monitor 
 `evaluate.knn_scores`) on clean images. The data set is the pretrained run's (its config.json).
 Results: PRETRAINED/linear_eval.json and PRETRAINED/knn_eval.json, and the same files in --workdir.
 Options: --config.mode=linear|knn|both, --config.linear_epochs, --config.linear_lr,
---config.linear_schedule=cosine|step|constant. Variant `:smoke`: a few steps, for tests.
+--config.linear_schedule=cosine|step|constant, --config.eval_dataset=imagenet_v2 (the test set
+from another tfds dataset, labels mapped by class name; '' = the pretraining dataset's own; unset =
+the pretrained run's setting). Variant `:smoke`: a few steps, for tests.
 """
 
 from simco_jax import linear_eval

@@ -55,6 +55,7 @@ RESUMABLE_KEYS = frozenset(
         "data_path",
         "data_dir",
         "tfds_download",
+        "eval_dataset",  # what the evaluators score on; training reads the same data
         # Streaming: how many threads decode, and how many unreadable files stop the run.
         "input_threads",
         "max_unreadable_fraction",

@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
     # used, labelled in sorted order (e.g. configs/imagenet100_classes.txt); streamed data only:
     # an image folder's class folders or a tfds dataset's ClassLabel names. '' = every class.
     c.class_list = ""
+    # A tfds dataset whose `validation` (else `test`) split is the test split of the evaluators
+    # and of the linear evaluation, its labels mapped by ClassLabel name to the training
+    # dataset's (e.g. imagenet_v2 for imagenet2012); streamed tfds data only. '' = the training
+    # dataset's own. The kNN bank stays the training split.
+    c.eval_dataset = ""
     c.tfds_download = True
     c.synthetic_num_train = 512
     c.synthetic_num_test = 128
@@ -421,6 +426,7 @@ DOMAINS: dict[str, Domain] = {
     "data_path": TEXT,
     "data_dir": TEXT,
     "class_list": TEXT,
+    "eval_dataset": TEXT,
     "tfds_download": BOOL,
     "input_mode": one_of(*_INPUT_MODES),
     "input_threads": integer(0, 4096),

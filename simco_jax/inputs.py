@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # 'auto' streams a dataset whose decoded training images exceed this (each device holds a copy
 # in resident mode), and any dataset whose images differ in size.
 RESIDENT_MAX_BYTES = 2 * 2**30
+_NOT_TFDS = ("imagefolder", "synthetic", "npz")
 
 
 class Inputs(NamedTuple):
@@ -83,7 +84,16 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     """The run's inputs in the mode `resolve_mode` picks; data errors are raised here, before
     anything compiles. `order_seed`: the seed of a streamed order and crops (default
     `config.seed`; the resident order comes from the train state's key)."""
-    if resolve_mode(config) == "resident":
+    mode = resolve_mode(config)
+    if config.eval_dataset and (mode == "resident" or config.dataset in _NOT_TFDS):
+        what = "is not a tfds dataset" if config.dataset in _NOT_TFDS else "is loaded resident"
+        raise data.DataError(
+            f"config.eval_dataset={config.eval_dataset!r} replaces the test split of a streamed "
+            f"tfds dataset only, and dataset={config.dataset!r} {what} here: set "
+            f"eval_dataset='', or for a tfds dataset --config.input_mode=streaming (an image "
+            f"folder, npz or synthetic data evaluated on another dataset is not supported)."
+        )
+    if mode == "resident":
         if config.class_list:
             raise data.DataError(
                 f"dataset={config.dataset!r} is loaded resident here, and config.class_list "
@@ -156,6 +166,9 @@ def open_splits(config):
 
     `config.class_list` selects classes of an image folder (class folders) or of a tfds dataset
     (ClassLabel names, e.g. imagenet2012's WordNet IDs), labelled in sorted name order either way.
+    `config.eval_dataset` names another tfds dataset whose `validation` (else `test`) split is
+    the test split, its labels mapped by ClassLabel name to the training dataset's (imagenet_v2,
+    imagenet_a, imagenet_r name theirs as imagenet2012 does).
     """
     select = read_class_list(config.class_list) if config.class_list else None
     if config.dataset == "imagefolder":
@@ -176,14 +189,24 @@ def open_splits(config):
     data_dir = config.data_dir or None
     builder = streaming.open_tfds(config.dataset, data_dir)
     splits = builder.info.splits
-    eval_split = "validation" if "validation" in splits else "test"
-    if "train" not in splits or eval_split not in splits:
+    eval_name = config.eval_dataset or config.dataset
+    eval_builder = streaming.open_tfds(eval_name, data_dir) if config.eval_dataset else builder
+    eval_split = next((s for s in ("validation", "test") if s in eval_builder.info.splits), None)
+    if "train" not in splits or eval_split is None:
+        named = {config.dataset: builder, eval_name: eval_builder}
+        has = ", ".join(f"{n!r} has splits {sorted(b.info.splits)}" for n, b in named.items())
         raise data.DataError(
-            f"tfds dataset {config.dataset!r} has splits {sorted(splits)}; streaming needs "
-            f"'train' and 'validation' or 'test'."
+            f"tfds dataset {has}; streaming needs 'train' and 'validation' or 'test' (of "
+            f"config.eval_dataset when it is set)."
         )
     train = streaming.tfds_split(config.dataset, "train", data_dir, select=select)
-    test = streaming.tfds_split(config.dataset, eval_split, data_dir, select=select)
+    names = builder.info.features["label"].names if config.eval_dataset else None
+    test = streaming.tfds_split(eval_name, eval_split, data_dir, select=select, label_names=names)
+    if not len(test):
+        raise data.DataError(
+            f"{test.name} has no records of the classes of config.class_list="
+            f"{config.class_list!r}: there is nothing to evaluate."
+        )
     num_classes = len(select) if select else builder.info.features["label"].num_classes
     return config.dataset, train, test, num_classes
 

@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.eval_batch_size = 1024
+    # The test set: a tfds dataset as the training key (e.g. imagenet_v2), '' = the pretraining
+    # dataset's own; unset = the pretrained run's eval_dataset.
+    c.eval_dataset = ml_collections.config_dict.placeholder(str)
     c.seed = 0
     return c
 
@@ -344,6 +347,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn_temperature=config.knn_temperature,
         eval_batch_size=config.eval_batch_size,
     )
+    if config.eval_dataset is not None:
+        eval_config.eval_dataset = config.eval_dataset
     # The linear classifier's input: its own batch size, crop scale, epochs and order seed (the
     # run's seed stays: synthetic data is generated from it).
     input_config = ml_collections.ConfigDict(eval_config.to_dict())
@@ -362,6 +367,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         "pretrained": os.path.abspath(config.pretrained),
         "pretrained_step": run.step,
         "dataset": data.name,
+        "eval_dataset": eval_config.eval_dataset or data.name,
         "device": _device_description(),
     }
     log.info("evaluating %s at step %d on %s", config.pretrained, run.step, data.name)

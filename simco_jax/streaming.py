@@ -210,7 +210,12 @@ def open_tfds(name: str, data_dir: str | None):
 
 
 def tfds_split(
-    name: str, split: str, data_dir: str | None, *, select: list[str] | None = None
+    name: str,
+    split: str,
+    data_dir: str | None,
+    *,
+    select: list[str] | None = None,
+    label_names: list[str] | None = None,
 ) -> Split:
     """A split of a prepared tfds dataset, read at random through its ArrayRecord data source;
     the images stay encoded until a worker decodes them.
@@ -220,16 +225,31 @@ def tfds_split(
     class of the dataset. Which records they are comes from one scan of the split's labels,
     cached (`class_records`). The split's i-th example is the i-th selected record, so the
     global order and the sharding are those of any other split of that size.
+
+    `label_names`: the split evaluates a model trained on another dataset, whose ClassLabel
+    names these are in label order (imagenet_v2 evaluating imagenet2012): each label is mapped
+    by its name to its place there, and every name must be there. With `select` too, a listed
+    class this dataset lacks simply has no records in it.
     """
     import tensorflow_datasets as tfds
 
     builder = open_tfds(name, data_dir)
     source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     title, records, relabel = f"{name}[{split}]", None, None
+    names = builder.info.features["label"].names
+    if label_names is not None and select is None:
+        extra = sorted(set(names) - set(label_names))
+        if extra:
+            raise data.DataError(
+                f"tfds dataset {name!r} has {len(extra)} classes that the training dataset "
+                f"lacks, e.g. {extra[:_SHOW_FILES]}; an evaluation dataset's ClassLabel names "
+                f"must be training class names (as imagenet_v2's are imagenet2012's)."
+            )
+        place = {c: i for i, c in enumerate(label_names)}
+        relabel = np.asarray([place[c] for c in names], np.int64)
     if select is not None:
-        names = builder.info.features["label"].names
         missing = sorted(set(select) - set(names))
-        if missing:
+        if missing and label_names is None:
             raise data.DataError(
                 f"tfds dataset {name!r} lacks {len(missing)} of the {len(set(select))} classes "
                 f"of config.class_list, e.g. {missing[:_SHOW_FILES]}; its labels are named "
@@ -237,7 +257,8 @@ def tfds_split(
             )
         classes = sorted(set(select))
         relabel = np.full(len(names), -1, np.int64)
-        relabel[[names.index(c) for c in classes]] = np.arange(len(classes))
+        present = [c for c in classes if c in names]
+        relabel[[names.index(c) for c in present]] = [classes.index(c) for c in present]
         records = class_records(builder, split, source, relabel >= 0)
         # The name is the checkpoint's data fingerprint here (no file paths): it names the list.
         listed = hashlib.sha256("\n".join(classes).encode()).hexdigest()[:8]

@@ -183,11 +183,13 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         workdir_lib.write_config(workdir, config, start_step)
     if main:
         log.info(
-            "%s (%s): %d train / %d test images, %d classes; %d steps per epoch on %d devices; %s",
+            "%s (%s): %d train / %d test images%s, %d classes; %d steps per epoch on %d "
+            "devices; %s",
             data.name,
             data.mode,
             data.num_train,
             data.test.num_examples,
+            f" of {config.eval_dataset}" if config.eval_dataset else "",
             data.num_classes,
             steps_per_epoch,
             jax.device_count(),

@@ -95,6 +95,7 @@ BAD_VALUES = {
     "data_path": [None],
     "data_dir": [1.0],
     "class_list": [3],
+    "eval_dataset": [None],
     "tfds_download": ["yes", 1],
     "input_mode": ["stream", ""],
     "input_threads": [-1, 1.5],

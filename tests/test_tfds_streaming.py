@@ -353,3 +353,147 @@ def test_imagenet100_on_tfds_labels_each_image_as_its_image_folder_does(tfds_dir
         labels = {pixels: label for pixels, _, label in _loaded(ours)}
         assert labels == {pixels: label for pixels, _, label in _loaded(theirs)}
         assert sorted(labels.values()) == list(range(100))
+
+
+# ---------------------------------------------------------------------------------------------
+# config.eval_dataset: the test split from another tfds dataset (imagenet_v2 for imagenet2012).
+# ---------------------------------------------------------------------------------------------
+
+V2 = "tiny_wnids_v2"  # only a `test` split; some of tiny_wnids' class names, in another order
+
+
+def _by_name(names, labels):
+    """The training label of each of another dataset's label ids, by ClassLabel name."""
+    return {i: labels.index(n) for i, n in enumerate(names) if n in labels}
+
+
+def test_eval_dataset_is_the_other_datasets_test_split_labelled_by_class_name(tfds_dir):
+    config = _config(NAME, tfds_dir, eval_dataset=V2)
+    name, train, test, num_classes = inputs.open_splits(config)
+    assert (name, num_classes, train.name, test.name) == (NAME, 6, f"{NAME}[train]", f"{V2}[test]")
+    # Record by record: the other dataset's example, its label mapped by name.
+    to_train = _by_name(tiny_tfds.V2_NAMES, tiny_tfds.WNIDS)
+    raw = _loaded(streaming.tfds_split(V2, "test", tfds_dir))
+    assert _loaded(test) == [(p, s, to_train[label]) for p, s, label in raw]
+    assert sorted(_loaded(test)) == sorted(
+        (p, s, to_train[lb]) for p, s, lb in _generated(V2, "test")
+    )
+    assert {label for *_, label in _loaded(test)} == {5, 1, 2, 0}  # not the ids 0-3 of V2_NAMES
+    # The training split, the kNN bank and the checkpoint's data fingerprint are unchanged.
+    assert _loaded(train) == _loaded(inputs.open_splits(_config(NAME, tfds_dir))[1])
+    data_ = inputs.create(config, parallel.make_mesh())
+    try:
+        assert data_.test.num_examples == 14 and data_.test.split.name == f"{V2}[test]"
+        assert data_.train_eval.split.name == f"{NAME}[train]" and data_.num_classes == 6
+        assert data_.identity == inputs._split_identity(train)
+    finally:
+        data_.close()
+
+
+def test_eval_dataset_with_class_list_keeps_the_listed_classes_in_sorted_name_order(
+    tfds_dir, tmp_path
+):
+    config = _config(NAME, tfds_dir, class_list=_class_list(tmp_path, LISTED), eval_dataset=V2)
+    _, train, test, num_classes = inputs.open_splits(config)
+    assert num_classes == 3 and test.name.startswith(f"{V2}[test], the 3 classes")
+    # LISTED[0] (n03000134) is no class of V2: its label 2 simply has no test records.
+    to_train = _by_name(tiny_tfds.V2_NAMES, sorted(LISTED))
+    raw = _loaded(streaming.tfds_split(V2, "test", tfds_dir))
+    expected = [(p, s, to_train[label]) for p, s, label in raw if label in to_train]
+    assert _loaded(test) == expected and {label for *_, label in expected} == {0, 1}
+    config.eval_dataset = ""
+    assert _loaded(train) == _loaded(inputs.open_splits(config)[1])
+
+
+def test_the_evaluators_score_every_image_of_the_eval_dataset(tfds_dir):
+    """The probe scores the 14 images of the eval dataset; the kNN monitor scores the same
+    source (`evaluator.test`) against a bank of the 48 training images (scored in the slow test
+    below: its compilation takes 20 s here)."""
+    import jax
+
+    from simco_jax import evaluate, train_step
+
+    mesh = parallel.make_mesh()
+    config = _config(NAME, tfds_dir, eval_dataset=V2)
+    data_ = inputs.create(config, mesh)
+    try:
+        comps = train_step.build_components(config, data_.num_classes, steps_per_epoch=6)
+        state = jax.jit(
+            lambda: train_step.create_train_state(config, comps, data_.image_shape),
+            out_shardings=parallel.replicated(mesh),
+        )()
+        evaluator = evaluate.Evaluator(config, comps.model, comps.probe, data_, mesh)
+        probe = evaluator.probe_accuracy(state)
+    finally:
+        data_.close()
+    assert probe["probe_examples"] == 14
+    assert evaluator.train.num_examples == 48
+    assert 0 <= probe["probe_top1"] <= probe["probe_top5"] <= 100
+
+
+@pytest.mark.parametrize(
+    "case", ["other_classes", "not_class_label", "unprepared", "tfrecord", "no_listed_class"]
+)
+def test_an_eval_dataset_that_cannot_evaluate_is_one_line(tfds_dir, tmp_path, case):
+    eval_dataset, message, overrides = {
+        "other_classes": ("tiny_imagenet100", "101 classes that the training dataset lacks", {}),
+        "not_class_label": ("tiny_int_labels", "needs an 'image' and a ClassLabel 'label'", {}),
+        "unprepared": ("imagenet_v2", "'imagenet_v2' is not prepared in ", {}),
+        "tfrecord": ("tiny_wnids_tfrecord", "which tfds cannot read at random", {}),
+        "no_listed_class": (
+            V2,
+            rf"{V2}\[test\], the 2 classes .* has no records of the classes of config.class_list",
+            {"class_list": _class_list(tmp_path, ["n03000134", "n01443537"])},
+        ),
+    }[case]
+    config = _config(NAME, tfds_dir, eval_dataset=eval_dataset, **overrides)
+    with pytest.raises(data.DataError, match=message) as error:
+        inputs.create(config, parallel.make_mesh())
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("dataset", ["tiny_fixed", "synthetic", "imagefolder"])
+def test_eval_dataset_is_refused_for_resident_or_non_tfds_data(tfds_dir, tmp_path, dataset):
+    config = _config(dataset, tfds_dir, eval_dataset=V2, data_path=str(tmp_path))
+    what = "is loaded resident" if dataset == "tiny_fixed" else "is not a tfds dataset"
+    with pytest.raises(data.DataError, match=f"dataset='{dataset}' {what} here") as error:
+        inputs.create(config, parallel.make_mesh())
+    assert "\n" not in str(error.value) and "not supported" in str(error.value)
+
+
+@pytest.mark.slow  # about 50 s: a training run through launch.py, two linear evaluations
+def test_a_run_evaluates_on_the_eval_dataset_and_so_does_its_linear_evaluation(tfds_dir, tmp_path):
+    """Training through launch.py with --config.eval_dataset: the probe and the kNN score the
+    other dataset's 14 images; the offline linear evaluation follows the run's setting, or its
+    own --config.eval_dataset ('' = the training dataset's validation split, 18 images)."""
+    import importlib
+
+    from simco_jax import linear_eval
+
+    workdir = tmp_path / "run"
+    result = run_python(
+        [
+            "tests/tiny_tfds.py",
+            "offline",
+            "launch.py",
+            "--config=configs/simco_imagenet.py:smoke",
+            f"--workdir={workdir}",
+            f"--config.dataset={NAME}",
+            f"--config.data_dir={tfds_dir}",
+            f"--config.eval_dataset={V2}",
+            "--config.batch_size=16",
+            "--config.max_epochs=1",
+            "--config.input_threads=2",
+        ]
+    )
+    assert f"{NAME} (streaming): 48 train / 14 test images of {V2}, 6 classes" in (
+        result.stdout + result.stderr
+    )
+    final = writers.read_metrics(str(workdir))[-1]
+    assert final["step"] == 3 and final["probe_examples"] == final["knn_examples"] == 14
+    config = importlib.import_module("configs.linear_eval").get_config("smoke")
+    config.update(pretrained=str(workdir), mode="linear", linear_batch_size=16)
+    for eval_dataset, dataset, examples in ((None, V2, 14), ("", NAME, 18)):
+        config.eval_dataset = eval_dataset
+        linear = linear_eval.evaluate_checkpoint(config, str(tmp_path / "eval"))["linear"]
+        assert (linear["eval_dataset"], linear["eval_examples"]) == (dataset, examples)

@@ -25,9 +25,12 @@ WNIDS = ("n02085620", "n01440764", "n04592741", "n01443537", "n03000134", "n0210
 with open(os.path.join(os.path.dirname(__file__), "..", "configs", "imagenet100_classes.txt")) as f:
     IMAGENET100 = tuple(line.strip() for line in f if line.strip())
 IN100_NAMES = ("n00000001", *IMAGENET100[:50], "n09999998", *IMAGENET100[50:], "n09999999")
+# An evaluation set in the style of imagenet_v2 for tiny_wnids: some of its class names, in
+# another order (imagenet_v2 names all of imagenet2012's classes, in the same order).
+V2_NAMES = ("n02102040", "n01440764", "n04592741", "n02085620")
 DATASET_VERSION = "1.0.0"
 # name -> (file format, {split: (seed, number of examples)}, image side (None: 20-60 px),
-# ClassLabel names).
+# ClassLabel names; None: an integer label that is no ClassLabel, with six values).
 DATASETS = {
     "tiny_wnids": ("array_record", {"train": (0, 48), "validation": (1, 18)}, None, WNIDS),
     "tiny_wnids_test_only": ("array_record", {"train": (2, 30), "test": (3, 12)}, None, WNIDS),
@@ -41,6 +44,9 @@ DATASETS = {
         None,
         IN100_NAMES,
     ),
+    # Only a test split, as imagenet_v2, imagenet_a and imagenet_r.
+    "tiny_wnids_v2": ("array_record", {"test": (8, 14)}, None, V2_NAMES),
+    "tiny_int_labels": ("array_record", {"test": (9, 6)}, None, None),
 }
 
 
@@ -49,7 +55,7 @@ def examples(name: str, split: str) -> list[tuple[np.ndarray, int]]:
     _, splits, side, names = DATASETS[name]
     seed, count = splits[split]
     rng = np.random.default_rng([seed, 7])
-    labels = rng.permutation(np.arange(count) % len(names))
+    labels = rng.permutation(np.arange(count) % (6 if names is None else len(names)))
     out = []
     for label in labels:
         height, width = rng.integers(20, 61, size=2) if side is None else (side, side)
@@ -93,7 +99,9 @@ def build(data_dir: str) -> None:
                     {
                         # PNG: lossless, so a decoded image equals the generated array.
                         "image": tfds.features.Image(shape=shape, encoding_format="png"),
-                        "label": tfds.features.ClassLabel(names=list(names)),
+                        "label": tfds.features.Tensor(shape=(), dtype=np.int64)
+                        if names is None
+                        else tfds.features.ClassLabel(names=list(names)),
                     }
                 )
                 return tfds.core.DatasetInfo(builder=self, features=features)
