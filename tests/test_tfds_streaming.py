@@ -112,10 +112,9 @@ def test_streaming_a_tfds_dataset_never_imports_tensorflow(tfds_dir):
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_simco_trains_end_to_end_through_launch_streaming_the_tfds_dataset(tfds_dir, tmp_path):
-    """A fresh interpreter, offline, with nothing but --config.dataset and --config.data_dir."""
-    workdir = tmp_path / "run"
-    result = run_python(
+def _launch_offline(workdir, tfds_dir, *overrides):
+    """The smoke SimCo ImageNet config through launch.py, network refused, on the built dataset."""
+    return run_python(
         [
             "tests/tiny_tfds.py",
             "offline",
@@ -124,10 +123,17 @@ def test_simco_trains_end_to_end_through_launch_streaming_the_tfds_dataset(tfds_
             f"--workdir={workdir}",
             f"--config.dataset={NAME}",
             f"--config.data_dir={tfds_dir}",
-            "--config.batch_size=16",  # 48 images: 3 steps per epoch, 2 epochs
+            "--config.batch_size=16",
             "--config.input_threads=2",
+            *overrides,
         ]
     )
+
+
+def test_simco_trains_end_to_end_through_launch_streaming_the_tfds_dataset(tfds_dir, tmp_path):
+    """A fresh interpreter, offline, with nothing but --config.dataset and --config.data_dir."""
+    workdir = tmp_path / "run"
+    result = _launch_offline(workdir, tfds_dir)  # 48 images: 3 steps per epoch, 2 epochs
     output = result.stdout + result.stderr
     assert f"{NAME} (streaming): 48 train / 18 test images, 6 classes" in output
     records = writers.read_metrics(str(workdir))
@@ -471,20 +477,8 @@ def test_a_run_evaluates_on_the_eval_dataset_and_so_does_its_linear_evaluation(t
     from simco_jax import linear_eval
 
     workdir = tmp_path / "run"
-    result = run_python(
-        [
-            "tests/tiny_tfds.py",
-            "offline",
-            "launch.py",
-            "--config=configs/simco_imagenet.py:smoke",
-            f"--workdir={workdir}",
-            f"--config.dataset={NAME}",
-            f"--config.data_dir={tfds_dir}",
-            f"--config.eval_dataset={V2}",
-            "--config.batch_size=16",
-            "--config.max_epochs=1",
-            "--config.input_threads=2",
-        ]
+    result = _launch_offline(
+        workdir, tfds_dir, f"--config.eval_dataset={V2}", "--config.max_epochs=1"
     )
     assert f"{NAME} (streaming): 48 train / 14 test images of {V2}, 6 classes" in (
         result.stdout + result.stderr
