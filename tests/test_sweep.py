@@ -167,3 +167,59 @@ def test_full_batch_size_study_is_the_published_table():
     assert spec["grid"]["batch_size"] == sorted(sweep.PUBLISHED["simco"])
     assert sorted(spec["grid"]["framework"]) == sorted(sweep.PUBLISHED)
     assert sweep.PUBLISHED["simco"][256] == 58.35 and sweep.PUBLISHED["mocov2"][1024] == 48.90
+
+
+# ------------------------------------------------- the shipped example tables reproduce
+
+EXAMPLES = os.path.join(REPO, "notebooks", "example_results")
+STUDIES = sorted(os.listdir(EXAMPLES))
+# `wall_s` and `device` say how long a point took and where: they differ from run to run, so a
+# reproduced table is compared on the grid values and these columns only. The metrics are
+# deterministic on one CPU device (docs/reliability.md); on more devices they drift by rounding.
+DETERMINISTIC = ("probe_top1", "probe_top5", "knn_top1", "steps")
+
+
+def _example_command(study: str) -> str:
+    return (
+        f"python -m simco_jax.sweep --sweep=sweeps/{study}.py "
+        f"--workdir=runs/smoke/{study} --variant=smoke"
+    )
+
+
+def _deterministic_rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k not in ("wall_s", "device")} for row in rows]
+
+
+def test_shipped_example_tables_name_their_command_and_agree_with_the_docs():
+    assert STUDIES == ["batch_size", "dictionary_size", "momentum", "temperature"]
+    with open(os.path.join(REPO, "docs", "results.md")) as f:
+        docs = f.read()
+    for study in STUDIES:
+        with open(os.path.join(EXAMPLES, study, "results.csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(os.path.join(EXAMPLES, study, "results.md")) as f:
+            table = f.read()
+        assert table.startswith(f"Produced by `{_example_command(study)}`.\n\n"), study
+        assert {row["device"] for row in rows} == {"1x cpu"}, study  # what the check reproduces
+        columns = list(rows[0])
+        lines = table.splitlines()[2:]
+        assert lines[0] == "| " + " | ".join(columns) + " |", study
+        assert lines[2:] == ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows], study
+        assert table in docs, f"docs/results.md lacks the current {study} smoke table"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES)
+def test_shipped_example_table_is_what_its_command_prints_today(study, tmp_path):
+    """The command in the table's first line, run now, gives the same table."""
+    command = _example_command(study).replace(f"runs/smoke/{study}", str(tmp_path))
+    env = {"XLA_FLAGS": ""}  # one CPU device, as the shipped tables
+    run_python(command.split()[1:], env_extra=env)
+    shipped = _deterministic_rows(os.path.join(EXAMPLES, study, "results.csv"))
+    today = _deterministic_rows(os.path.join(tmp_path, "results.csv"))
+    assert today == shipped, (
+        f"notebooks/example_results/{study} is stale: rerun `{_example_command(study)}` and "
+        "copy results.csv and results.md there and the table into docs/results.md"
+    )
