@@ -36,19 +36,6 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged; the last good checkpoint is left intact."""
 
 
-def _prepare_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise config_lib.ConfigError(
-            f"cannot write to --workdir={workdir!r} ({error.strerror}); pass a writable directory"
-        ) from error
-
-
 def _all_finite(tree):
     """Whether every floating-point leaf is finite: one fused reduction on the device."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -90,8 +77,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     # ---------------------------------------------------------------- checks and workdir
     config_lib.validate(config, num_devices=jax.device_count())
-    _prepare_workdir(workdir)
-    lock = workdir_lib.WorkdirLock(workdir, jax.process_index())  # one run per workdir
+    # One run per workdir. The lock creates it, and removes it again if this start fails
+    # before writing anything (no data, a bad config): a failed start leaves no debris.
+    lock = workdir_lib.WorkdirLock(workdir, jax.process_index())
     stop_signal, previous_handlers = _install_stop_handlers()  # Ctrl-C while loading, too
     try:
         return _train(config, workdir, stop_signal)
