@@ -51,8 +51,9 @@ def _install_stop_handlers():
         flag["signal"] = signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the next press aborts
-            log.warning(
-                "Ctrl-C: checkpointing after the current steps; press Ctrl-C again to abort"
+            log.warning(  # the one line a Ctrl-C prints: the stop says nothing more
+                "Ctrl-C: stopping after the current steps with a checkpoint (rerun the same "
+                "command to resume); press Ctrl-C again to abort"
             )
         else:
             log.warning("received signal %d: checkpointing and stopping", signum)
@@ -318,10 +319,10 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
             if stop:
                 save(step)
                 summary["preempted"] = signum or signal.SIGTERM  # launch.py exits 128 + it
-                if main:
+                if main and signum != signal.SIGINT:  # a Ctrl-C said so when pressed
                     log.warning(
-                        "%s: saved the checkpoint of step %d/%d; rerun the same command to resume",
-                        "stopped by Ctrl-C" if signum == signal.SIGINT else "preempted",
+                        "preempted: saved the checkpoint of step %d/%d; rerun the same command "
+                        "to resume",
                         step,
                         total_steps,
                     )
