@@ -11,8 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, run_python, wait, wait_until
+from helpers import REPO, framework_config, run_python, wait, wait_until
 
+from simco_jax import workdir as workdir_lib
 from simco_jax import writers
 
 # A run far longer than any test waits for: the test stops it.
@@ -137,3 +138,40 @@ def test_a_resume_over_a_damaged_checkpoint_says_one_line_and_no_library_noise(t
     assert len(warned) == 1 and "falling back to the previous one" in warned[0], output[-3000:]
     assert "resumed at step 2" in output
     assert max(r["step"] for r in writers.read_metrics(str(workdir))) == 6
+
+
+def test_a_full_disk_anywhere_is_one_line(tmp_path):
+    # Writes that name their own error (checkpoints, metrics) have their tests; any other write
+    # that meets a full disk (the config record, the lock) goes through launch.py's funnel.
+    script = (
+        "import errno, sys\n"
+        "from absl import app\n"
+        "import launch\n"
+        "def full(config, workdir):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', workdir + '/config.json')\n"
+        "launch.train.train_and_evaluate = full\n"
+        f"sys.argv = {_args(tmp_path / 'run')!r}\n"
+        "app.run(launch.main, flags_parser=launch.parse_flags)\n"
+    )
+    result = run_python(["-c", script], check=False, timeout=1800)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: No space left on device writing {tmp_path / 'run'}/config.json. The "
+        "checkpoints already there are intact; free space, then rerun the same command to resume."
+    ]
+
+
+def test_a_linear_evaluation_of_a_run_without_checkpoints_is_one_line(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    (pretrained / "checkpoints").mkdir(parents=True)
+    workdir_lib.write_config(str(pretrained), framework_config("simco"), 0)
+    args = [
+        "launch.py",
+        "--config=configs/linear_eval.py",
+        f"--config.pretrained={pretrained}",
+        f"--workdir={tmp_path / 'linear'}",
+    ]
+    result = run_python(args, check=False, timeout=1800)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # no thread traceback
