@@ -28,6 +28,7 @@ hosts' clocks agree to well under `STALE_AFTER_S`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ _FILE_TYPES = {
 
 
 class WorkdirLockError(RuntimeError):
-    """Another live run holds the workdir."""
+    """Another live run holds the workdir, or its lock path is no lock file."""
 
 
 def _is_holder(data) -> bool:
@@ -80,9 +81,12 @@ def _make_workdir(workdir: str, index: int) -> str | None:
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test_{index}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+        finally:  # also when the write failed (a full disk): the probe is no debris either
+            with contextlib.suppress(OSError):
+                os.remove(probe)
     except OSError as error:
         _remove_if_empty(workdir, created)
         raise config_lib.ConfigError(

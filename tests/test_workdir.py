@@ -1,10 +1,12 @@
 """workdir: a damaged lock of any shape is handled in one line and nothing is moved or left
 behind; a start that fails before writing anything leaves no workdir."""
 
+import contextlib
 import json
 import logging
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -141,3 +143,21 @@ def test_a_workdir_that_cannot_be_written_is_refused_and_leaves_nothing(tmp_path
     with pytest.raises(config_lib.ConfigError, match=r"\(Not a directory\); pass a writable"):
         workdir_lib.WorkdirLock(str(tmp_path / "a_file" / "run"))
     assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_a_workdir_on_a_full_disk_is_refused_and_leaves_nothing(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with contextlib.suppress(OSError), open(small / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+        with pytest.raises(config_lib.ConfigError, match=r"\(No space left on device\); pass"):
+            workdir_lib.WorkdirLock(str(small / "run"))
+        assert os.listdir(small) == ["filler"]  # no workdir, no write probe
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
