@@ -8,8 +8,9 @@ means (another batch size, seed, schedule, model, dataset, ...) fails with one l
 key, instead of a shape error or a silently different run; `RESUMABLE_KEYS` may change. A
 latest checkpoint that cannot be read (truncated, corrupted) is skipped with a warning for the
 one before it, and moved to `unreadable_checkpoints/` next to the checkpoint directory so that
-its step can be saved again. A save that cannot be written (full disk, read-only directory)
-raises `CheckpointSaveError` naming the path and the OS error."""
+its step can be saved again (one warning line each). A save that cannot be written (full disk,
+read-only directory) raises `CheckpointSaveError` naming the path and the OS error; a
+`checkpoints` path that is not a directory raises `CheckpointError` before anything is loaded."""
 
 from __future__ import annotations
 
