@@ -54,8 +54,8 @@ EXPECTED_ERRORS = (
     workdir.WorkdirLockError,
     writers.MetricsWriteError,
 )
-# A full disk can stop any write (the config record, the lock, a library's cache), not only the
-# checkpoints and metrics that name their own error: one line for it wherever it happens.
+# A full disk can stop any write (the config record, the lock file), not only the checkpoints
+# and metrics that name their own error: one line for it wherever it happens.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
