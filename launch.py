@@ -6,6 +6,7 @@ Multi-host: JAX auto-detects TPU pods and SLURM; elsewhere pass --coordinator_ad
 """
 
 import difflib
+import errno
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from simco_jax import checkpointing, data, linear_eval, parallel, train, workdir
+from simco_jax import checkpointing, data, linear_eval, parallel, train, workdir, writers
 from simco_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,7 +52,11 @@ EXPECTED_ERRORS = (
     checkpointing.CheckpointSaveError,
     train.NonFiniteLossError,
     workdir.WorkdirLockError,
+    writers.MetricsWriteError,
 )
+# A full disk can stop any write (the config record, the lock file), not only the checkpoints
+# and metrics that name their own error: one line for it wherever it happens.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fail(message: str, *, code: int = 2):
@@ -115,6 +120,14 @@ def main(argv):
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except EXPECTED_ERRORS as error:
         _fail(str(error))
+    except OSError as error:
+        if error.errno not in FULL_DISK:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        _fail(
+            f"{error.strerror}{where}. The checkpoints already there are intact; free space, "
+            "then rerun the same command to resume."
+        )
     except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint may not exist
         _fail("aborted by a second Ctrl-C; a rerun resumes from the last checkpoint", code=130)
     except jax.errors.JaxRuntimeError:

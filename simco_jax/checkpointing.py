@@ -8,8 +8,9 @@ means (another batch size, seed, schedule, model, dataset, ...) fails with one l
 key, instead of a shape error or a silently different run; `RESUMABLE_KEYS` may change. A
 latest checkpoint that cannot be read (truncated, corrupted) is skipped with a warning for the
 one before it, and moved to `unreadable_checkpoints/` next to the checkpoint directory so that
-its step can be saved again. A save that cannot be written (full disk, read-only directory)
-raises `CheckpointSaveError` naming the path and the OS error."""
+its step can be saved again (one warning line each). A save that cannot be written (full disk,
+read-only directory) raises `CheckpointSaveError` naming the path and the OS error; a
+`checkpoints` path that is not a directory raises `CheckpointError` before anything is loaded."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
+import traceback
 import zlib
 
 import jax
@@ -107,16 +110,36 @@ def incompatible(directory: str, step: int, refused: dict) -> CheckpointError:
     )
 
 
+def check_directory(directory: str) -> None:
+    """Raises CheckpointError if `directory` exists but is not a directory (a file, a link to
+    nothing or to a file), which would otherwise fail only at the first save."""
+    if os.path.isdir(directory) or not os.path.lexists(directory):
+        return
+    if os.path.islink(directory):
+        what = f"a link to {os.readlink(directory)!r}, which is not a directory"
+    else:
+        what = "not a directory"
+    raise CheckpointError(
+        f"{os.path.abspath(directory)} is {what}; the checkpoints go there. Move it away, or use "
+        "another --workdir."
+    )
+
+
 def latest_record(directory: str) -> tuple[int | None, dict | None]:
     """The newest step whose record can be read, and that record; (None, None) if none.
 
     Reads only the small JSON records: cheap, before any data is loaded or anything compiled.
+    Raises CheckpointError if `directory` is not a directory.
     """
+    check_directory(directory)
     if not os.path.isdir(directory):
         return None, None
+    _quiet_closed_loop_callbacks()
+    # Not `read_only=True`: that option logs three warnings that read like a permissions
+    # problem. A manager that neither creates nor saves reads the same.
     manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=ocp.CheckpointManagerOptions(create=False),
         item_names=("state", "record"),
     )
     try:
@@ -135,6 +158,8 @@ class Checkpointer:
     def __init__(self, directory: str, record: dict, *, max_to_keep: int = 3, input_position=None):
         """`input_position(step) -> dict`: the input stream's position, saved with every step as
         the `input` item (None: not saved)."""
+        check_directory(directory)
+        _quiet_closed_loop_callbacks()
         self.directory = os.path.abspath(directory)
         self.record = record
         self.input_position = input_position
@@ -223,37 +248,74 @@ class Checkpointer:
                 except CheckpointError:
                     raise
                 except Exception as error:  # noqa: BLE001 - any unreadable one: try an older one
-                    unreadable.append(step)
-                    log.warning(
-                        "checkpoint at step %d in %s cannot be read (%s: %s); falling back to "
-                        "the previous one",
-                        step,
-                        self.directory,
-                        type(error).__name__,
-                        str(error)[:500],
-                    )
+                    first_line = (str(error).strip().splitlines() or [""])[0]
+                    unreadable.append((step, f"{type(error).__name__}: {first_line[:300]}"))
             return None
         finally:
             if unreadable:
                 self._set_aside(unreadable)
 
-    def _set_aside(self, steps) -> None:
+    def _set_aside(self, unreadable) -> None:
         """Moves unreadable steps out of the way (not deleted: a read error may be transient), so
-        that the resumed run can save those steps again."""
+        that the resumed run can save those steps again; one line each says so."""
         aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
         if jax.process_index() == 0:
-            for step in steps:
+            for step, reason in unreadable:
                 target = os.path.join(aside, f"{step}_{time.strftime('%Y%m%d-%H%M%S')}")
                 shutil.move(os.path.join(self.directory, str(step)), target)
-                log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+                log.warning(
+                    "checkpoint at step %d in %s cannot be read (%s); moved it to %s, falling "
+                    "back to the previous one",
+                    step,
+                    self.directory,
+                    reason,
+                    target,
+                )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("simco_jax:unreadable_checkpoints_set_aside")
         self.manager.reload()
 
     def close(self) -> None:
+        """Waits for the last save and for Orbax's background clean-up of temporary steps
+        (which would otherwise fail with a traceback at interpreter exit when an error ends the
+        process first). Closing on the way out of another error keeps that error: a failure
+        here then is its consequence (the same full disk), not news."""
+        propagating = sys.exc_info()[1] is not None
         try:
+            cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+            if cleanup is not None:
+                cleanup.result()
+                self.manager._cleanup_tmp_directory_future = None
             self.manager.wait_until_finished()
             self.manager.close()
         except Exception as error:  # noqa: BLE001
-            if not self._failed:  # else the save's own error is already on its way
-                raise self._save_error("the last checkpoint", error) from error
+            if propagating or self._failed:  # the first error is already on its way
+                log.debug("closing the checkpoints after an error failed too: %s", error)
+                return
+            raise self._save_error("the last checkpoint", error) from error
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """Orbax's reads run on a short-lived asyncio loop; when one read of a damaged checkpoint
+    fails, tensorstore still completes the others and calls back into the loop already closed.
+    Each callback is reported as an unraisable `RuntimeError('Event loop is closed')` from
+    `call_soon_threadsafe`: hundreds of tracebacks about reads whose result nobody wants."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return any(frame.name == "call_soon_threadsafe" for frame in frames)
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops only those callbacks' reports; every other unraisable error is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.quiet_closed_loop_callbacks = True
+    sys.unraisablehook = hook

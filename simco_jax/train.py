@@ -36,19 +36,6 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged; the last good checkpoint is left intact."""
 
 
-def _prepare_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise config_lib.ConfigError(
-            f"cannot write to --workdir={workdir!r} ({error.strerror}); pass a writable directory"
-        ) from error
-
-
 def _all_finite(tree):
     """Whether every floating-point leaf is finite: one fused reduction on the device."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -64,8 +51,9 @@ def _install_stop_handlers():
         flag["signal"] = signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the next press aborts
-            log.warning(
-                "Ctrl-C: checkpointing after the current steps; press Ctrl-C again to abort"
+            log.warning(  # the one line a Ctrl-C prints: the stop says nothing more
+                "Ctrl-C: stopping after the current steps with a checkpoint (rerun the same "
+                "command to resume); press Ctrl-C again to abort"
             )
         else:
             log.warning("received signal %d: checkpointing and stopping", signum)
@@ -90,8 +78,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     # ---------------------------------------------------------------- checks and workdir
     config_lib.validate(config, num_devices=jax.device_count())
-    _prepare_workdir(workdir)
-    lock = workdir_lib.WorkdirLock(workdir, jax.process_index())  # one run per workdir
+    # One run per workdir. The lock creates it, and removes it again if this start fails
+    # before writing anything (no data, a bad config): a failed start leaves no debris.
+    lock = workdir_lib.WorkdirLock(workdir, jax.process_index())
     stop_signal, previous_handlers = _install_stop_handlers()  # Ctrl-C while loading, too
     try:
         return _train(config, workdir, stop_signal)
@@ -330,10 +319,10 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
             if stop:
                 save(step)
                 summary["preempted"] = signum or signal.SIGTERM  # launch.py exits 128 + it
-                if main:
+                if main and signum != signal.SIGINT:  # a Ctrl-C said so when pressed
                     log.warning(
-                        "%s: saved the checkpoint of step %d/%d; rerun the same command to resume",
-                        "stopped by Ctrl-C" if signum == signal.SIGINT else "preempted",
+                        "preempted: saved the checkpoint of step %d/%d; rerun the same command "
+                        "to resume",
                         step,
                         total_steps,
                     )

@@ -851,10 +851,9 @@ def test_a_second_run_fails_at_once_and_ctrl_c_checkpoints(tmp_path):
         assert first.wait(timeout=1800) == 130
     output = log1.read_text()
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
-    reached = int(
-        re.search(r"stopped by Ctrl-C: saved the checkpoint of step (\d+)/8000", output)[1]
-    )
-    assert _steps(workdir) == [reached] and int(_saved_state(workdir)["step"]) == reached
+    assert len([line for line in output.splitlines() if "Ctrl-C" in line]) == 1, output[-3000:]
+    [reached] = _steps(workdir)
+    assert int(_saved_state(workdir)["step"]) == reached
     assert not (workdir / "lock.0").exists()  # released on the way out
 
     # Ctrl-C twice: the second press aborts at once, in one line (if the first press's
@@ -875,5 +874,5 @@ def test_a_second_run_fails_at_once_and_ctrl_c_checkpoints(tmp_path):
     assert f"resumed at step {reached}" in output and "Traceback" not in output, output[-3000:]
     assert (
         "error: aborted by a second Ctrl-C; a rerun resumes from the last checkpoint" in output
-        or "stopped by Ctrl-C: saved the checkpoint" in output
+        or len(_steps(workdir)) == 2  # the first press's checkpoint ended the run
     )

@@ -1,0 +1,177 @@
+"""launch.py end to end: a fault or a stop ends in one line, and a failed start leaves nothing.
+
+Only what is end to end runs here (the output of the whole process); the mechanisms have unit
+tests in test_workdir.py, test_writers.py and test_checkpointing.py.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, framework_config, run_python, wait, wait_until
+
+from simco_jax import workdir as workdir_lib
+from simco_jax import writers
+
+# A run far longer than any test waits for: the test stops it.
+LONG = dict(
+    max_epochs=1000, checkpoint_every_steps=10_000, eval_every_epochs=1000, knn_every_epochs=0
+)
+# What Orbax logs for a read-only manager (it reads like a permissions problem).
+READ_ONLY_WARNINGS = ("setting save_interval_steps=0", "setting create=False", "is read only")
+
+
+def _args(workdir, **overrides):
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    return ["launch.py", "--config=configs/simco_cifar.py:smoke", f"--workdir={workdir}", *flags]
+
+
+@contextlib.contextmanager
+def _launched(args, log_path):
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _logged(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def test_ctrl_c_prints_one_line(tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    with _launched(_args(workdir, **LONG), log) as run:
+        wait_until(lambda: _logged(workdir), [(run, log)], "the first metrics")
+        run.send_signal(signal.SIGINT)
+        assert wait(run, log) == 130
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    said = [line for line in output.splitlines() if "Ctrl-C" in line]
+    assert len(said) == 1 and said[0].endswith(
+        "Ctrl-C: stopping after the current steps with a checkpoint (rerun the same command to "
+        "resume); press Ctrl-C again to abort"
+    ), output[-3000:]
+    assert os.listdir(workdir / "checkpoints")  # and it did checkpoint
+
+
+def test_a_disk_that_fills_during_training_ends_in_one_line(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    workdir, log = small / "run", tmp_path / "run.log"
+    try:
+        with _launched(_args(workdir, log_every_steps=1, **LONG), log) as run:
+            wait_until(lambda: _logged(workdir), [(run, log)], "the first metrics")
+            with contextlib.suppress(OSError), open(small / "filler", "wb") as filler:
+                while True:
+                    filler.write(b"\0" * 65536)
+            assert wait(run, log) == 2
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+    output = log.read_text()
+    assert "Traceback" not in output and "During handling" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        f"error: cannot write the metrics to {workdir}: No space left on device. The checkpoints "
+        "already there are intact; free space or fix the permissions, then rerun the same "
+        "command to resume."
+    )
+
+
+def test_a_refused_start_leaves_no_workdir(tmp_path):
+    workdir = tmp_path / "runs" / "new"
+    missing = tmp_path / "missing.npz"
+    result = run_python(_args(workdir, dataset="npz", data_path=missing), check=False, timeout=1800)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert os.listdir(tmp_path) == []  # neither the workdir nor `runs`
+
+
+def test_a_checkpoints_file_is_refused_before_compiling(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a directory")
+    result = run_python(_args(workdir), check=False, timeout=1800)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {workdir / 'checkpoints'} is not a directory; the checkpoints go there. Move it "
+        "away, or use another --workdir."
+    ]
+
+
+def _flip_a_byte_in_the_data(directory):
+    for root, _, files in os.walk(directory):
+        if os.path.basename(root) == "d":  # OCDBT data files; the metadata stays readable
+            for name in files:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.seek(os.path.getsize(f.name) // 2)
+                    byte = f.read(1)
+                    f.seek(-1, os.SEEK_CUR)
+                    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_resume_over_a_damaged_checkpoint_says_one_line_and_no_library_noise(tmp_path):
+    workdir = tmp_path / "run"
+    run_python(_args(workdir, max_steps=4, checkpoint_every_steps=2), timeout=1800)
+    _flip_a_byte_in_the_data(workdir / "checkpoints" / "4" / "state")
+    result = run_python(_args(workdir, max_steps=6, checkpoint_every_steps=2), timeout=1800)
+    output = result.stdout + result.stderr
+    assert not [w for w in READ_ONLY_WARNINGS if w in output], output[-3000:]
+    assert "Traceback" not in output and "Event loop is closed" not in output, output[-3000:]
+    warned = [line for line in output.splitlines() if "checkpoint at step 4" in line]
+    assert len(warned) == 1 and "falling back to the previous one" in warned[0], output[-3000:]
+    assert "resumed at step 2" in output
+    assert max(r["step"] for r in writers.read_metrics(str(workdir))) == 6
+
+
+def test_a_full_disk_anywhere_is_one_line(tmp_path):
+    # Writes that name their own error (checkpoints, metrics) have their tests; any other write
+    # that meets a full disk (the config record, the lock) goes through launch.py's funnel.
+    script = (
+        "import errno, sys\n"
+        "from absl import app\n"
+        "import launch\n"
+        "def full(config, workdir):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', workdir + '/config.json')\n"
+        "launch.train.train_and_evaluate = full\n"
+        f"sys.argv = {_args(tmp_path / 'run')!r}\n"
+        "app.run(launch.main, flags_parser=launch.parse_flags)\n"
+    )
+    result = run_python(["-c", script], check=False, timeout=1800)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: No space left on device writing {tmp_path / 'run'}/config.json. The "
+        "checkpoints already there are intact; free space, then rerun the same command to resume."
+    ]
+
+
+def test_a_linear_evaluation_of_a_run_without_checkpoints_is_one_line(tmp_path):
+    pretrained = tmp_path / "pretrained"
+    (pretrained / "checkpoints").mkdir(parents=True)
+    workdir_lib.write_config(str(pretrained), framework_config("simco"), 0)
+    args = [
+        "launch.py",
+        "--config=configs/linear_eval.py",
+        f"--config.pretrained={pretrained}",
+        f"--workdir={tmp_path / 'linear'}",
+    ]
+    result = run_python(args, check=False, timeout=1800)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr  # no thread traceback

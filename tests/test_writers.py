@@ -1,0 +1,101 @@
+"""writers: metrics.jsonl lines that are not records, and a write that fails (a full disk)."""
+
+import errno
+import json
+import logging
+import os
+import subprocess
+
+import pytest
+
+from simco_jax import writers
+
+# Valid JSON that is not a record, by family: another type, an object without a usable step.
+NOT_RECORDS = ["[]", "3", '"x"', "null", "{}", '{"loss": 1.0}', '{"step": "4"}', '{"step": true}']
+
+
+@pytest.mark.parametrize("line", NOT_RECORDS)
+def test_a_line_that_is_not_a_record_is_skipped_with_one_warning(line, tmp_path, caplog):
+    good = [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.0}]
+    lines = [json.dumps(good[0]), line, json.dumps(good[1]), '{"step": 12, "lo']  # cut by a kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    caplog.set_level(logging.WARNING, logger="simco_jax")
+    assert writers.read_metrics(str(tmp_path)) == good
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'metrics.jsonl'}: skipped 1 line(s) that are not metric records (a JSON "
+        "object with an integer 'step'), the first at line 2"
+    ]
+
+    # A resume drops it with the steps after the checkpoint, and leaves no file behind.
+    caplog.clear()
+    writers.MetricWriter(str(tmp_path), resume_step=4).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(good[0]) + "\n"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "tensorboard"]
+    assert len(caplog.records) == 1 and "dropped 1 line(s)" in caplog.records[0].getMessage()
+
+
+class _FullDisk:
+    """A file on a disk that is full: every write and the final flush fail."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _message(workdir):
+    return (
+        f"cannot write the metrics to {workdir}: No space left on device. The checkpoints "
+        "already there are intact; free space or fix the permissions, then rerun the same "
+        "command to resume."
+    )
+
+
+def test_a_write_to_a_full_disk_fails_in_one_line_and_the_close_stays_quiet(tmp_path):
+    writer = writers.MetricWriter(str(tmp_path))
+    writer.write(1, {"loss": 1.0})
+    writer._jsonl.close()
+    writer._jsonl = _FullDisk()
+    with pytest.raises(writers.MetricsWriteError) as raised:
+        writer.write(2, {"loss": 1.0})
+    assert str(raised.value) == _message(tmp_path)
+    writer.close()  # the same full disk again: not a second error
+
+
+def test_closing_on_the_way_out_of_another_error_keeps_that_error(tmp_path):
+    writer = writers.MetricWriter(str(tmp_path))
+    writer._tb.close()
+    writer._tb = _FullDisk()  # TensorBoard's final flush meets the full disk
+    with pytest.raises(ValueError, match="the real error") as raised:
+        try:
+            raise ValueError("the real error")
+        finally:
+            writer.close()
+    assert raised.value.__context__ is None  # nothing chained onto it
+    # Without an error on its way, a failed final flush is the error, in one line.
+    writer = writers.MetricWriter(str(tmp_path))
+    writer._tb.close()
+    writer._tb = _FullDisk()
+    with pytest.raises(writers.MetricsWriteError, match="No space left on device"):
+        writer.close()
+
+
+def test_a_disk_that_fills_fails_the_write_not_a_background_thread(tmp_path, capfd):
+    # A real full filesystem: a small tmpfs (root only).
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        writer = writers.MetricWriter(str(small))
+        with pytest.raises(writers.MetricsWriteError) as raised:
+            for step in range(100_000):
+                writer.write(step, {"loss": 1.0, "probe_top1": 2.0, "lr": 0.1})
+        assert str(raised.value) == _message(small)
+        writer.close()
+    finally:  # lazily: a file left open by a failure must not keep the mount
+        subprocess.run(["umount", "-l", str(small)], check=True)
+    assert capfd.readouterr().err == ""  # no thread died with a traceback
