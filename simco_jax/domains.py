@@ -119,7 +119,10 @@ def unknown_keys_message(
         group, _, leaf = key.rpartition(".")
         siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
         close = difflib.get_close_matches(leaf, siblings, n=1)
-        hint = f" (did you mean {flag}{group + '.' if group else ''}{close[0]}?)" if close else ""
+        if close:
+            hint = f" (did you mean {flag}{group + '.' if group else ''}{close[0]}?)"
+        else:  # a group's few keys, not the top level's screenful
+            hint = f" ({flag}{group} holds {', '.join(siblings)})" if group and siblings else ""
         parts.append(f"{flag}{key}{hint}")
     return f"unknown {noun}{'s' if len(parts) > 1 else ''} " + ", ".join(parts)
 
@@ -141,7 +144,7 @@ def check(config, seams: Iterable[Seam], *, num_devices: int | None = None, what
     if unknown:
         noun = f"{what} key" if what else "config key"
         message = unknown_keys_message(unknown, domains, noun=noun)
-        raise ConfigError(f"{message}; the keys: {_where(what)}")
+        raise ConfigError(f"{message}; the keys: {keys_location(what)}")
     for key, domain in domains.items():
         if key in config and not domain.accepts(config[key]):
             raise ConfigError(f"{key} must be {domain.text}, got {as_text(config[key])}")
@@ -150,7 +153,8 @@ def check(config, seams: Iterable[Seam], *, num_devices: int | None = None, what
             raise ConfigError(message)
 
 
-def _where(what: str) -> str:
+def keys_location(what: str = "") -> str:
+    """Where the keys of a schema are listed, with what each means."""
     if what == "linear_eval":
         return "default_config() in simco_jax/linear_eval.py"
     return "base_config() in simco_jax/config.py"
