@@ -106,12 +106,12 @@ def _path_error(argv) -> str | None:
     spec = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
     if spec is None:
         return None
-    path, _, arg = spec.partition(":")
+    path, *variant = spec.split(":", 1)
     try:  # the config file again, as config_flags loads it, without the overrides
         module_spec = importlib.util.spec_from_file_location("_launch_config", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
-        config = module.get_config(arg or None) if arg else module.get_config()
+        config = module.get_config(*variant)
     except Exception:  # noqa: BLE001 - absl's own error says what is wrong with the file
         return None
     unknown = []

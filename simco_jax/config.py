@@ -21,6 +21,13 @@ optimizer          sgd          sgd          sgd          lars            sgd
 Periods: every period is `<name>_steps` or `<name>_epochs` (a float), resolved by `period_steps`
 (log_every, checkpoint_every, and each entry of `evals`: every_steps / every_epochs).
 
+Checks: each seam of the library (data, model, method, optimization, augmentation, evaluation,
+runtime) is a `Seam` below, its keys' domains and its constraints between keys (the machinery is
+`simco_jax.domains`; the projector, loss and optimizer names come from `simco_jax.registry`);
+`validate` combines them. Nothing here imports JAX, so a config is checked before anything heavy
+is imported. Variants of a config file (`get_config('smoke,cifar10')`) go through
+`apply_variants`, the one parser of them.
+
 Keys carry the official scripts' flag names wherever one exists (``temperature``, ``dt_m``,
 ``queue_size``, ``base_tau_momentum``, ``lr``, ``min_scale`` ...). ``dt_m = 1`` *is* InfoNCE: the
 dual-temperature weight is then exactly 1.
