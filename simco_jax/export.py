@@ -377,8 +377,11 @@ def argument_error(workdir: str, out: str) -> str | None:
             json.load(f)
     except (OSError, ValueError) as error:
         return f"{config} cannot be read ({error}); the run's workdir is damaged"
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
         return f"{run} has no checkpoints/ directory: the run has not saved a checkpoint yet"
+    if not any(name.isdigit() for name in os.listdir(checkpoints)):  # Orbax's step folders
+        return f"{checkpoints} holds no checkpoint: the run has not saved one yet"
     if not out:
         return "--out is empty; pass a file path, e.g. --out=backbone.safetensors"
     if os.path.isdir(out):
