@@ -93,9 +93,18 @@ def reference(tmp_path_factory):
     [
         (dict(momentum=1.5), r"momentum must be a finite number in \[0, 1\), got 1.5"),
         (dict(momentum=-0.1), r"momentum must be a finite number in \[0, 1\), got -0.1"),
-        (dict(temperature=-0.1), "temperature must be a finite number > 0, got -0.1"),
-        (dict(dt_m=0.0), "dt_m must be a finite number > 0, got 0.0"),
-        (dict(temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
+        (
+            dict(temperature=-0.1),
+            r"temperature must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got -0.1",
+        ),
+        (
+            dict(dt_m=0.0),
+            r"dt_m must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got 0.0",
+        ),
+        (
+            dict(temperature=float("inf")),
+            r"temperature must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got inf",
+        ),
         (dict(queue_size=48), "queue_size=48 must be a multiple of the global batch_size=32"),
     ],
 )
