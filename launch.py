@@ -5,19 +5,21 @@ Multi-host: JAX auto-detects TPU pods and SLURM; elsewhere pass --coordinator_ad
 --num_processes and --process_id to every process.
 """
 
-import difflib
 import errno
+import importlib.util
 import logging
 import os
+import re
 import sys
 import traceback
 
 import jax
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from simco_jax import checkpointing, data, linear_eval, parallel, train, workdir, writers
+from simco_jax import checkpointing, data, domains, linear_eval, parallel, train, workdir, writers
 from simco_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -73,33 +75,99 @@ def _one_line(message: str) -> str:
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if len(lines) <= 1:
         return message.strip()
-    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+    last = re.sub(r"^[\w.]*ConfigError: ", "", lines[-1])  # the config file's own message
+    first = lines[0].rstrip(":").replace(": Error whilst parsing config file", "")
+    return f"{first}: {last}"
+
+
+def _overrides(argv) -> list[tuple[str, str]]:
+    """(argument, dotted key) of every --config.KEY[=VALUE] argument, in order."""
+    found = []
+    for arg in argv:
+        match = re.match(r"^--?(no)?config\.([^=]*)", arg)
+        if match:
+            found.append((arg, match.group(2)))
+    return found
+
+
+def _argument_error(argv) -> str | None:
+    """What absl would misread or let pass silently: a --no prefix, no key, a repeated key."""
+    seen = {}
+    for arg, key in _overrides(argv):
+        if re.match(r"^--?noconfig\.", arg):
+            return f"{arg}: write --config.{key}=False (a --no prefix is not read for config keys)"
+        if not key or not all(key.split(".")):
+            return f"{arg} names no key; write --config.KEY=VALUE"
+        seen[key] = seen.get(key, 0) + 1
+    repeated = [key for key, count in seen.items() if count > 1]
+    if repeated:
+        return f"--config.{repeated[0]} is given {seen[repeated[0]]} times; give each key once"
+    return None
+
+
+def _path_error(argv) -> str | None:
+    """The first --config.KEY whose path is not in the config: an unknown key (with the
+    closest known one) or a path that runs into a value (--config.batch_size.x)."""
+    spec = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
+    if spec is None:
+        return None
+    path, *variant = spec.split(":", 1)
+    try:  # the config file again, as config_flags loads it, without the overrides
+        module_spec = importlib.util.spec_from_file_location("_launch_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config(*variant)
+    except Exception:  # noqa: BLE001 - absl's own error says what is wrong with the file
+        return None
+    unknown = []
+    for arg, key in _overrides(argv):
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict):
+                where = ".".join(parts[:depth])
+                return f"{arg}: {where} is a value ({type(node).__name__}), not a group of keys"
+            if part not in node:
+                unknown.append(".".join(parts[: depth + 1]))
+                break
+            node = node[part]
+    if unknown:
+        known = [*domains.flatten(config), *_groups(config)]
+        message = domains.unknown_keys_message(unknown, known, flag="--config.")
+        where = domains.keys_location("linear_eval" if "pretrained" in config else "")
+        return f"{message}; the keys: {where}"
+    return None
+
+
+def _groups(config, prefix="") -> dict:
+    """{'evals': None, 'evals.probe': None, ...}: the dotted names of the config's groups."""
+    groups = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            groups[f"{prefix}{key}"] = None
+            groups.update(_groups(value, f"{prefix}{key}."))
+    return groups
 
 
 def parse_flags(argv):
-    """absl's parser, with one line instead of a traceback for an unknown --config.KEY, a
-    config file that does not load, or any other bad flag."""
+    """absl's parser, with one line instead of a traceback for any malformed --config.KEY
+    override (unknown or repeated key, a path into a value, a wrong type), a config file that
+    does not load, or any other bad flag. A period the user sets in one spelling replaces the
+    config file's other spelling (`config.prefer_given_periods`)."""
+    problem = _argument_error(argv)
+    if problem:
+        _fail(problem)
     try:
         remaining = flags.FLAGS(argv)
-        "pretrained" in _CONFIG.value  # noqa: B015 - a config file that failed to load raises when read
-        return remaining
-    except (AttributeError, KeyError):  # what ml_collections raises for an unknown field
-        known = sorted(config_lib.base_config().keys())
-        names = [a[len("--config.") :].split("=")[0] for a in argv if a.startswith("--config.")]
-        unknown = [n for n in names if n.split(".")[0] not in known]
-        if not unknown:
-            raise
-        hints = [difflib.get_close_matches(n, known, n=1) for n in unknown]
-        close = [f"--config.{h[0]}" for h in hints if h]
-        _fail(
-            f"unknown config key(s) {unknown}"
-            + (f"; did you mean {close}?" if close else ".")
-            + f" Known keys: {known}"
-        )
+        config = _CONFIG.value
+        "pretrained" in config  # noqa: B015 - a config file that failed to load raises when read
     except flags.Error as error:
-        _fail(_one_line(str(error)))
+        _fail(_path_error(argv) or _one_line(str(error)))
     except OSError as error:  # --config=a path that does not exist or cannot be read
         _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # ml_collections' own
+        _fail(_path_error(argv) or _one_line(str(error)))
+    config_lib.prefer_given_periods(config, {key for _, key in _overrides(argv)})
+    return remaining
 
 
 def main(argv):

@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simco_jax import streaming  # noqa: E402
+from simco_jax import cli, streaming  # noqa: E402
 
 CROP = 224
 GPU_IMAGES_PER_S = 3000
@@ -212,7 +212,7 @@ def step_times(steps: int, rounds: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--image_dir", default="", help="real JPEGs to measure on (default: generated)")
     p.add_argument(
         "--num_images",
@@ -225,6 +225,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per input mode")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if args.image_dir and not os.path.isdir(args.image_dir):
+        cli.fail(f"--image_dir={args.image_dir!r} is not a directory")
+    if min(args.num_images, args.repeats - 1, args.steps - 1, args.rounds - 1) < 0:
+        cli.fail("--num_images must be >= 0, and --repeats, --steps, --rounds >= 1")
 
     with tempfile.TemporaryDirectory() as scratch:
         paths = (

@@ -28,7 +28,6 @@ the accelerator's; run the script on the accelerator for its own numbers.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -42,7 +41,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from simco_jax import memory, train_step  # noqa: E402
+from simco_jax import cli, memory, train_step  # noqa: E402
+from simco_jax import config as config_lib  # noqa: E402
 
 NUM_CLASSES = 1000
 TARGET_BATCHES = (32, 64, 128)
@@ -50,6 +50,8 @@ TARGET_BATCHES = (32, 64, 128)
 
 def load_config(framework: str, variant: str | None):
     path = os.path.join(REPO, "configs", f"{framework}_imagenet.py")
+    if not os.path.isfile(path):
+        raise config_lib.ConfigError(f"--frameworks: no configs/{framework}_imagenet.py")
     spec = importlib.util.spec_from_file_location(f"{framework}_imagenet", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -101,14 +103,20 @@ def fit_line(batches, values):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frameworks", default="simco,simmoco,mocov2")
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frameworks", type=cli.comma_list(), default="simco,simmoco,mocov2")
     parser.add_argument("--variant", default=None, help="config variant, e.g. imagenet100")
-    parser.add_argument("--batches", default="2,4", help="per-device batches to compile")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--batches", type=cli.comma_list(int), default="2,4", help="per-device batches to compile"
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
+    try:  # every framework's config, before anything compiles
+        configs = {framework: load_config(framework, args.variant) for framework in args.frameworks}
+    except config_lib.ConfigError as error:
+        cli.fail(str(error))
     device = jax.devices()[0]
     report = dict(
         backend=jax.default_backend(),
@@ -118,8 +126,7 @@ def main(argv=None):
         batches=batches,
         frameworks={},
     )
-    for framework in args.frameworks.split(","):
-        config = load_config(framework, args.variant)
+    for framework, config in configs.items():
         config.dtype = args.dtype
         rows = []
         for b in batches:

@@ -20,6 +20,10 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from simco_jax import cli  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAYLOAD = os.path.join(REPO, "device_payload")
 MAX_BYTES = 40 * 2**20
@@ -65,13 +69,17 @@ def fetch_wheels(wheel_dir: str) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", required=True, help="CIFAR-100 as .npz (train_images, ...)")
     p.add_argument("--train_per_class", type=int, default=100)
     p.add_argument("--test_per_class", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_wheels", action="store_true", help="skip the ml-collections wheel")
     args = p.parse_args(argv)
+    if not os.path.isfile(args.source):
+        cli.fail(f"--source={args.source!r} is not a file (CIFAR-100 as .npz)")
+    if min(args.train_per_class, args.test_per_class) < 1:
+        cli.fail("--train_per_class and --test_per_class must be >= 1")
 
     os.makedirs(PAYLOAD, exist_ok=True)
     target = os.path.join(PAYLOAD, "cifar100_subset.npz")

@@ -43,8 +43,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from simco_jax import cli, parallel, train_step  # noqa: E402
 from simco_jax import config as config_lib  # noqa: E402
-from simco_jax import parallel, train_step  # noqa: E402
 
 # Dense peak FLOP/s per chip (vendor datasheets, no sparsity). 'float32' is what float32 matmuls
 # run at under XLA's default precision: TF32 tensor cores on NVIDIA, bf16 passes on TPU.
@@ -72,11 +72,22 @@ NUM_CLASSES = 100  # CIFAR-100's probe
 
 def load_config(path: str, variant: str | None, overrides: dict):
     """`get_config(variant)` of a config file, then `overrides` (key -> value)."""
+    if not os.path.isfile(os.path.join(REPO, path)):
+        known = ", ".join(FRAMEWORK_CONFIGS)
+        raise config_lib.ConfigError(f"{path!r} is neither a framework ({known}) nor a config file")
     spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(variant)
-    config.update(overrides)
+    for key, value in overrides.items():
+        if key not in config:
+            message = config_lib.unknown_keys_message([key], config.keys(), flag="--set ")
+            raise config_lib.ConfigError(message)
+        try:
+            config[key] = value
+        except TypeError:  # ml_collections keeps each key's type
+            message = f"--set {key}={value!r}: the config's {key} is {config[key]!r}"
+            raise config_lib.ConfigError(f"{message}, of another type") from None
     return config
 
 
@@ -84,7 +95,9 @@ def parse_overrides(items) -> dict:
     """['key=value', ...] -> {key: value}; values are Python literals, else strings."""
     result = {}
     for item in items or ():
-        key, _, text = item.partition("=")
+        key, equals, text = item.partition("=")
+        if not key or not equals:
+            raise config_lib.ConfigError(f"--set {item!r}: write --set KEY=VALUE")
         try:
             result[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -102,15 +115,38 @@ def parse_rows(args) -> list[tuple[str, int, int | None]]:
         rows = []
         for spec in args.rows.split(","):
             parts = spec.split(":")
-            queue = int(parts[2]) if len(parts) > 2 else None
-            rows.append((parts[0], int(parts[1]), queue))
+            if len(parts) not in (2, 3):
+                raise config_lib.ConfigError(f"--rows: {spec!r} is not framework:batch[:queue]")
+            numbers = _ints(":".join(parts[1:]).replace(":", ","), "--rows " + spec)
+            rows.append((parts[0], numbers[0], numbers[1] if len(numbers) > 1 else None))
         return rows
     rows = []
     for framework in args.frameworks.split(","):
+        if framework not in FRAMEWORK_CONFIGS:
+            known = ", ".join(FRAMEWORK_CONFIGS)
+            raise config_lib.ConfigError(f"--frameworks: unknown {framework!r}; known: {known}")
         has_queue = load_config(FRAMEWORK_CONFIGS[framework], None, {}).queue_size > 0
-        queues = [int(q) for q in args.queue_sizes.split(",")] if has_queue else [None]
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
+        queues = _ints(args.queue_sizes, "--queue_sizes") if has_queue else [None]
+        for batch in _ints(args.batch_sizes, "--batch_sizes"):
             rows.extend((framework, batch, q) for q in queues)
+    return rows
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise config_lib.ConfigError(f"{flag}={text!r}: not comma-separated integers") from None
+
+
+def checked_rows(args) -> list[tuple[str, int, int | None]]:
+    """The rows, each row's config built and checked before the device is touched: a bad
+    argument is one line, not a row error after minutes of compiling the others."""
+    rows = parse_rows(args)
+    if args.baseline not in ("all", "none"):
+        _ints(args.baseline, "--baseline")
+    for row in rows:
+        row_config(args, *row)
     return rows
 
 
@@ -422,7 +458,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--frameworks", default="simco,simmoco,mocov2")
     p.add_argument("--batch_sizes", default="64,128,256,512,1024")
     p.add_argument("--queue_sizes", default="4096,16384,65536", help="for frameworks with a queue")
@@ -433,7 +469,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64, help="backbone_width (64 = ResNet-18)")
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--num_train", type=int, default=50000, help="synthetic images on the device")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on accelerators) | float32 | ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--steps_per_dispatch", type=int, default=8)
     p.add_argument("--warmup_chunks", type=int, default=1)
     p.add_argument("--chunks", type=int, default=5, help="timed dispatches per row")
@@ -441,6 +477,10 @@ def main(argv=None) -> int:
     p.add_argument("--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU")
     p.add_argument("--json", default="", help="write the results here (after every row)")
     args = p.parse_args(argv)
+    try:
+        rows = checked_rows(args)
+    except config_lib.ConfigError as error:
+        cli.fail(str(error))
 
     mesh = parallel.make_mesh()
     info = device_info()
@@ -477,7 +517,7 @@ def main(argv=None) -> int:
         f"dtype {dtype_name}, jax {jax.__version__}, peak FLOP/s {peak or 'n/a'}",
         flush=True,
     )
-    for framework, batch, queue in parse_rows(args):
+    for framework, batch, queue in rows:
         row = dict(framework=framework, batch_size=batch, width=args.width, dtype=dtype_name)
         try:
             config = row_config(args, framework, batch, queue)

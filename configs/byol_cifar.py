@@ -39,4 +39,4 @@ def get_config(arg=None):
     config.lars_eta = 0.02
     config.lars_clip_lr = True
     config.lars_exclude_bias_n_norm = True
-    return config_lib.apply_variant(config, arg)
+    return config_lib.apply_variants(config, arg, config_lib.CIFAR_VARIANTS)

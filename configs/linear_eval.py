@@ -15,19 +15,15 @@ from another tfds dataset, labels mapped by class name; '' = the pretraining dat
 the pretrained run's setting). Variant `:smoke`: a few steps, for tests.
 """
 
+from simco_jax import config as config_lib
 from simco_jax import linear_eval
+
+VARIANTS = {  # a few steps, for tests
+    "smoke": dict(
+        linear_epochs=1, linear_batch_size=32, linear_max_steps=4, knn_k=10, eval_batch_size=64
+    )
+}
 
 
 def get_config(arg=None):
-    config = linear_eval.default_config()
-    for variant in filter(None, (arg or "").split(",")):
-        if variant != "smoke":
-            raise ValueError(f"unknown linear_eval variant {variant!r}; known: smoke")
-        config.update(linear_smoke_overrides())
-    return config
-
-
-def linear_smoke_overrides():
-    return dict(
-        linear_epochs=1, linear_batch_size=32, linear_max_steps=4, knn_k=10, eval_batch_size=64
-    )
+    return config_lib.apply_variants(linear_eval.default_config(), arg, VARIANTS)

@@ -18,4 +18,4 @@ def get_config(arg=None):
     config.queue_size = 65536
     config.dt_m = 1.0  # tau_beta / tau_alpha; 1.0 is InfoNCE
     config.symmetric = False
-    return config_lib.apply_variant(config, arg)
+    return config_lib.apply_variants(config, arg, config_lib.CIFAR_VARIANTS)

@@ -34,4 +34,4 @@ def get_config(arg=None):
     config.lr = 0.5
     config.weight_decay = 1e-5
     config.classifier_lr = 0.1
-    return config_lib.apply_variant(config, arg)
+    return config_lib.apply_variants(config, arg, config_lib.CIFAR_VARIANTS)

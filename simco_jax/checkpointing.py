@@ -102,8 +102,21 @@ def changes(saved: dict, now: dict) -> tuple[dict, dict]:
     return refused, {k: c for k, c in changed.items() if k in RESUMABLE_KEYS}
 
 
+# Why a key cannot change on resume, for keys a user is likely to change to train longer.
+WHY_FIXED = {
+    "max_epochs": (
+        "the cosine schedule spans max_epochs, and one that has (partly) decayed cannot be "
+        "extended; --config.max_steps stops earlier, a fresh --workdir trains longer"
+    ),
+}
+
+
 def incompatible(directory: str, step: int, refused: dict) -> CheckpointError:
-    detail = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
+    detail = ", ".join(
+        f"{k}: {a!r} in the checkpoint, {b!r} now"
+        + (f" ({WHY_FIXED[k]})" if k in WHY_FIXED else "")
+        for k, (a, b) in refused.items()
+    )
     return CheckpointError(
         f"{directory} holds a checkpoint (step {step}) of an incompatible config ({detail}). Use "
         "a fresh --workdir, or restore the config that wrote it."

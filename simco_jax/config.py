@@ -21,6 +21,13 @@ optimizer          sgd          sgd          sgd          lars            sgd
 Periods: every period is `<name>_steps` or `<name>_epochs` (a float), resolved by `period_steps`
 (log_every, checkpoint_every, and each entry of `evals`: every_steps / every_epochs).
 
+Checks: each seam of the library (data, model, method, optimization, augmentation, evaluation,
+runtime) is a `Seam` below, its keys' domains and its constraints between keys (the machinery is
+`simco_jax.domains`; the projector, loss and optimizer names come from `simco_jax.registry`);
+`validate` combines them. Nothing here imports JAX, so a config is checked before anything heavy
+is imported. Variants of a config file (`get_config('smoke,cifar10')`) go through
+`apply_variants`, the one parser of them.
+
 Keys carry the official scripts' flag names wherever one exists (``temperature``, ``dt_m``,
 ``queue_size``, ``base_tau_momentum``, ``lr``, ``min_scale`` ...). ``dt_m = 1`` *is* InfoNCE: the
 dual-temperature weight is then exactly 1.
@@ -28,23 +35,39 @@ dual-temperature weight is then exactly 1.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import importlib
+from collections.abc import Callable, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-_DTYPES = ("auto", "float32", "bfloat16")
-_BACKBONES = ("resnet18", "resnet50")
-_LR_SCHEDULE_UNITS = ("epoch", "step")
-_INPUT_MODES = ("auto", "resident", "streaming")
-# The parts of the method seam (tests check them against models, methods and optimizers).
-PROJECTORS = ("mlp", "mlp_bn", "mlp3_bn")
-LOSSES = ("contrastive", "normalized_mse", "negative_cosine")
-OPTIMIZERS = ("sgd", "lars")
-NEGATIVE_FREE_LOSSES = ("normalized_mse", "negative_cosine")
+from simco_jax import registry
+from simco_jax.domains import (
+    BOOL,
+    COUNT,
+    DIVISOR,
+    EPOCHS_OR_NONE,
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    NAME,
+    PROBABILITY,
+    STEPS_OR_NONE,
+    TEXT,
+    ConfigError,
+    Domain,
+    Seam,
+    as_text,
+    check,
+    integer,
+    one_of,
+    real,
+    rgb,
+    unknown_keys_message,
+)
+
+# The method seam's parts, by the registries' names (simco_jax/registry.py).
+PROJECTORS, LOSSES, OPTIMIZERS = registry.PROJECTORS, registry.LOSSES, registry.OPTIMIZERS
+NEGATIVE_FREE_LOSSES = registry.NEGATIVE_FREE_LOSSES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -148,8 +171,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()
     c.evals.probe = _eval_entry("probe")
     c.evals.knn = _eval_entry("knn")
-    c.eval_every_epochs = 1
-    c.knn_every_epochs = 10  # 0 disables the kNN monitor
+    c.eval_every_epochs = 1  # <= 0 turns the probe's evaluation off (the probe still trains)
+    c.knn_every_epochs = 10  # <= 0 turns the kNN monitor off
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.knn_bank_dtype = "float32"  # or 'bfloat16': half the memory of the sharded feature bank
@@ -167,9 +190,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000  # or checkpoint_every_epochs; plus the end and on SIGTERM
     c.checkpoint_every_epochs = config_dict.placeholder(float)
     c.keep_checkpoints = 3
-    c.max_steps = (
-        -1
-    )  # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs
+    # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs.
+    c.max_steps = -1
     return c
 
 
@@ -249,18 +271,6 @@ def smoke_overrides() -> dict:
     )
 
 
-def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
-    """`get_config(arg)` variants, comma-separated: 'smoke' (tiny, synthetic), 'cifar10'."""
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "smoke":
-            config.update(smoke_overrides())
-        elif variant in ("cifar10", "cifar100"):
-            config.dataset = variant
-        else:
-            raise ValueError(f"unknown config variant {variant!r}; known: smoke, cifar10, cifar100")
-    return config
-
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -327,196 +337,115 @@ def imagenet_smoke_overrides() -> dict:
     )
 
 
-def apply_imagenet_variant(config: ml_collections.ConfigDict, arg: str | None, class_list: str):
-    """ImageNet `get_config(arg)` variants, comma-separated: 'imagenet100' (the 100 classes of
-    CMC and solo-learn, listed in `class_list`), 'smoke' (tiny network, an image folder)."""
-    for variant in filter(None, (arg or "").split(",")):
-        if variant == "imagenet100":
-            config.class_list = class_list
-        elif variant == "smoke":
-            config.update(imagenet_smoke_overrides())
-        else:
-            raise ValueError(f"unknown config variant {variant!r}; known: imagenet100, smoke")
-    return config
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says how to fix it."""
-
-
-# ------------------------------------------------------------------------------------ domains
-# Every key of `base_config()` has a domain here: one line per key, `validate` checks them all
-# before anything is loaded. A new key needs one line (a test fails for a key without one).
-
-
-class Domain(NamedTuple):
-    accepts: Callable[[Any], bool]
-    text: str  # completes "<key> must be ..."
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Domain:
-    """An int (not a bool) in [lo, hi]; None leaves that side open."""
-    ok = lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
-    if hi is not None:
-        return Domain(ok, f"an integer in [{lo}, {hi}]")
-    return Domain(ok, f"an integer >= {lo}" if lo is not None else "an integer")
-
-
-def real(lo: float, hi: float = math.inf, *, open_lo: bool = False, open_hi: bool = False):
-    """A finite number between lo and hi; `open_*` excludes the bound."""
-
-    def ok(v):
-        return _is_real(v) and (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
-
-    if hi == math.inf:
-        text = f"a finite number {'>' if open_lo else '>='} {lo:g}"
-    else:
-        text = f"a finite number in {'(['[not open_lo]}{lo:g}, {hi:g}{')]'[not open_hi]}"
-    return Domain(ok, text)
-
-
-def one_of(*choices) -> Domain:
-    return Domain(lambda v: isinstance(v, str) and v in choices, f"one of {choices}")
-
-
-def rgb(channel: Domain) -> Domain:
-    """Three per-channel values (R, G, B)."""
-    ok = lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(channel.accepts, v))
-    return Domain(ok, f"three values (R, G, B), each {channel.text}")
-
-
-BOOL = Domain(lambda v: isinstance(v, bool), "True or False")
-TEXT = Domain(lambda v: isinstance(v, str), "a string")
-NAME = Domain(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
-PROBABILITY = real(0.0, 1.0)
-POSITIVE = real(0.0, open_lo=True)
-COUNT = integer(1)
-# A period in epochs (a float: 0.5 is half an epoch), or None where the `_steps` spelling is used.
-EPOCHS_OR_NONE = Domain(lambda v: v is None or POSITIVE.accepts(v), "None or a finite number > 0")
-
-
-def _is_evals(v) -> bool:
-    """{name: entry with a string `type`} (entries may hold more keys for their evaluator)."""
-    mappings = (dict, ml_collections.ConfigDict)
-    return isinstance(v, mappings) and all(
-        isinstance(e, mappings) and isinstance(e.get("type"), str) and e.get("type")
-        for e in v.values()
-    )
-
-
-EVALS = Domain(_is_evals, "a mapping of names to entries with a 'type' (see config.evals)")
-# Learning rates: > 0 and at most 100. The recipes use 0.03 (linearly scaled to 7.7 at batch
-# 65,536) and 0.3 for the probe; above 100 an SGD step, not the data, sets the weights (a
-# probe lr of 1e30 gave a loss of 3.5e31 that stayed finite): a typo, not an experiment.
-LEARNING_RATE = real(0.0, 100.0, open_lo=True)
-# exp(similarity / T) of the kNN vote overflows float32 for T < 1 / 88.7.
-KNN_TEMPERATURE = real(0.012, 100.0)
-
-DOMAINS: dict[str, Domain] = {
-    # Data.
-    "dataset": NAME,
-    "data_path": TEXT,
-    "data_dir": TEXT,
-    "class_list": TEXT,
-    "eval_dataset": TEXT,
-    "tfds_download": BOOL,
-    "input_mode": one_of(*_INPUT_MODES),
-    "input_threads": integer(0, 4096),
-    "max_unreadable_fraction": PROBABILITY,
-    "synthetic_num_train": integer(1, 10_000_000),
-    "synthetic_num_test": integer(1, 10_000_000),
-    "synthetic_num_classes": integer(2, 100_000),
-    "synthetic_image_size": integer(1, 4096),
-    # Backbone and projector.
-    "backbone": one_of(*_BACKBONES),
-    "backbone_width": integer(1, 4096),
-    "cifar_stem": BOOL,
-    "proj_hidden_dim": integer(1, 65_536),
-    "proj_output_dim": integer(1, 65_536),
-    "projector": one_of(*PROJECTORS),
-    "predictor": BOOL,
-    "pred_hidden_dim": integer(1, 65_536),
-    "pred_fixed_lr": BOOL,
-    # The contrastive method.
-    "momentum_encoder": BOOL,
-    "base_tau_momentum": PROBABILITY,
-    "final_tau_momentum": PROBABILITY,
-    "queue_size": integer(0, 2**24),
-    "temperature": POSITIVE,
-    "dt_m": POSITIVE,
-    "symmetric": BOOL,
-    "loss": one_of(*LOSSES),
-    "bn_groups": COUNT,
-    "shuffle_bn": BOOL,
-    "negative_groups": COUNT,
-    # Optimisation.
-    "batch_size": integer(1, 2**20),
-    "max_epochs": integer(1, 100_000),
-    "lr": LEARNING_RATE,
-    "scale_lr": BOOL,
-    "classifier_lr": LEARNING_RATE,
-    "momentum": real(0.0, 1.0, open_hi=True),  # SGD momentum 1 never forgets a gradient
-    "weight_decay": real(0.0, 1.0),
-    "warmup_epochs": integer(0),
-    "warmup_start_lr": real(0.0, 100.0),
-    "min_lr": real(0.0, 100.0),
-    "lr_schedule_unit": one_of(*_LR_SCHEDULE_UNITS),
-    "optimizer": one_of(*OPTIMIZERS),
-    "lars_eta": real(0.0, 1.0, open_lo=True),
-    "lars_clip_lr": BOOL,
-    "lars_exclude_bias_n_norm": BOOL,
-    # Augmentation (torchvision's domains).
-    "crop_size": integer(1, 4096),
-    "min_scale": real(0.0, 1.0, open_lo=True),
-    "max_scale": real(0.0, 1.0, open_lo=True),
-    "brightness": real(0.0),
-    "contrast": real(0.0),
-    "saturation": real(0.0),
-    "hue": real(0.0, 0.5),
-    "color_jitter_prob": PROBABILITY,
-    "gray_scale_prob": PROBABILITY,
-    "horizontal_flip_prob": PROBABILITY,
-    "gaussian_prob": PROBABILITY,
-    "solarization_prob": PROBABILITY,
-    "mean": rgb(real(0.0, 1.0)),
-    "std": rgb(POSITIVE),
-    # Evaluation.
-    "evals": EVALS,
-    "eval_every_epochs": COUNT,
-    "knn_k": COUNT,
-    "knn_temperature": KNN_TEMPERATURE,
-    "knn_every_epochs": integer(0),
-    "eval_batch_size": integer(1, 2**20),
-    "knn_bank_dtype": one_of("float32", "bfloat16"),
-    # Runtime.
-    "seed": integer(0, 2**31 - 1),
-    "dtype": one_of(*_DTYPES),
-    "steps_per_dispatch": integer(1, 100_000),
-    "log_every_steps": COUNT,
-    "log_every_epochs": EPOCHS_OR_NONE,
-    "checkpoint_every_steps": COUNT,
-    "checkpoint_every_epochs": EPOCHS_OR_NONE,
-    "keep_checkpoints": COUNT,
-    "device_memory_gb": real(0.0),  # 0 = ask JAX
-    "max_steps": Domain(lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or >= 1"),
+# ------------------------------------------------------------------------------------ variants
+# `get_config(arg)`: comma-separated variant names, each applied in order. A config file names
+# its variants in a table {name: overrides}; `apply_variants` is the one parser of them all.
+CIFAR_VARIANTS = {
+    "smoke": smoke_overrides(),  # a tiny network on synthetic data: seconds on a CPU
+    "cifar10": dict(dataset="cifar10"),
+    "cifar100": dict(dataset="cifar100"),
 }
 
 
-def _cross_key_errors(c, num_devices):
-    """Constraints between keys, as messages (each names the keys it is about)."""
+def apply_variants(config, arg: str | None, variants: Mapping[str, dict | Callable]):
+    """Applies the comma-separated variants of `arg` (a dict of overrides, or a function of the
+    config) in order; an unknown one raises a one-line ConfigError before anything is set."""
+    names = [name.strip() for name in (arg or "").split(",") if name.strip()]
+    unknown = [name for name in names if name not in variants]
+    if unknown:
+        where = f" (in {arg!r})" if arg.strip() != unknown[0] else ""
+        raise ConfigError(
+            f"unknown config variant {unknown[0]!r}{where}; known: {', '.join(variants)} "
+            "(comma-separated, e.g. :" + ",".join(list(variants)[:2]) + ")"
+        )
+    for name in names:
+        variant = variants[name]
+        if callable(variant):
+            variant(config)
+        else:
+            config.update(variant)
+    return config
+
+
+def imagenet_variants(class_list: str) -> dict:
+    """The ImageNet configs' variants: 'imagenet100' (the 100 classes of CMC and solo-learn,
+    listed in `class_list`), 'smoke' (tiny network, an image folder)."""
+    return {"imagenet100": dict(class_list=class_list), "smoke": imagenet_smoke_overrides()}
+
+
+def apply_imagenet_variant(config: ml_collections.ConfigDict, arg: str | None, class_list: str):
+    return apply_variants(config, arg, imagenet_variants(class_list))
+
+
+# ------------------------------------------------------------------------ user-given periods
+PERIODS = ("log_every", "checkpoint_every")  # top-level periods: `<name>_steps` | `_epochs`
+
+
+def prefer_given_periods(config, given: set[str]) -> None:
+    """A period the user set in one spelling replaces the config file's other spelling:
+    `--config.log_every_epochs=1` on a config whose file sets log_every_steps=4 logs once an
+    epoch (instead of refusing both). `given`: the dotted keys the user set."""
+    nodes = [("", config, name) for name in PERIODS]
+    nodes += [(f"evals.{n}.", entry, "every") for n, entry in config.get("evals", {}).items()]
+    for prefix, node, name in nodes:
+        steps, epochs = f"{name}_steps", f"{name}_epochs"
+        for mine, other in ((steps, epochs), (epochs, steps)):
+            if prefix + mine in given and prefix + other not in given and other in node:
+                node[other] = None
+
+
+# ------------------------------------------------------------------------------------ the seams
+# Each seam of the library declares its keys' domains and its constraints between keys;
+# `validate` combines them. Every key of `base_config()` belongs to exactly one seam (a test
+# fails for a key without a domain).
+
+
+def _data_checks(c, num_devices):
+    if c.dataset == "npz" and not c.data_path:
+        yield "dataset='npz' needs --config.data_path=/path/to/arrays.npz"
+    if c.dataset == "imagefolder" and not c.data_path:
+        yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
+    if c.dataset == "imagefolder" and c.input_mode == "resident":
+        yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
+
+
+DATA = Seam(
+    {
+        "dataset": NAME,
+        "data_path": TEXT,
+        "data_dir": TEXT,
+        "class_list": TEXT,
+        "eval_dataset": TEXT,
+        "tfds_download": BOOL,
+        "input_mode": one_of("auto", "resident", "streaming"),
+        "input_threads": integer(0, 4096),
+        "max_unreadable_fraction": PROBABILITY,
+        "synthetic_num_train": integer(1, 10_000_000),
+        "synthetic_num_test": integer(1, 10_000_000),
+        "synthetic_num_classes": integer(2, 100_000),
+        "synthetic_image_size": integer(1, 4096),
+    },
+    _data_checks,
+)
+
+MODEL = Seam(
+    {
+        "backbone": one_of("resnet18", "resnet50"),
+        "backbone_width": integer(1, 4096),
+        "cifar_stem": BOOL,
+        "proj_hidden_dim": integer(1, 65_536),
+        "proj_output_dim": integer(1, 65_536),
+        "projector": one_of(*registry.PROJECTORS),
+        "predictor": BOOL,
+        "pred_hidden_dim": integer(1, 65_536),
+        "pred_fixed_lr": BOOL,
+    }
+)
+
+
+def _method_checks(c, num_devices):
+    """simco_jax/methods.py's constraints: negatives, groups, and the two temperatures."""
     batch = c.batch_size
-    if c.warmup_epochs > c.max_epochs:
-        yield f"warmup_epochs={c.warmup_epochs} must be <= max_epochs={c.max_epochs}"
-    if c.min_scale > c.max_scale:
-        yield f"min_scale={c.min_scale} must be <= max_scale={c.max_scale}"
     if c.queue_size % batch:
         yield (
             f"queue_size={c.queue_size} must be a multiple of the global batch_size={batch}, "
@@ -539,58 +468,206 @@ def _cross_key_errors(c, num_devices):
         yield "shuffle_bn needs bn_groups >= 2 (the number of sub-batches, e.g. the device count)"
     if c.negative_groups > 1 and c.queue_size:
         yield "negative_groups applies to in-batch negatives; set queue_size=0 or negative_groups=1"
-    if num_devices is not None and batch % num_devices:
-        yield (
-            f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
-            f"of {num_devices} (the batch is the global batch, split evenly over devices)"
-        )
-    if c.dataset == "npz" and not c.data_path:
-        yield "dataset='npz' needs --config.data_path=/path/to/arrays.npz"
-    if c.dataset == "imagefolder" and not c.data_path:
-        yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
-    if c.dataset == "imagefolder" and c.input_mode == "resident":
-        yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
-    yield from _method_and_period_errors(c)
-
-
-def _method_and_period_errors(c):
-    """The method seam's constraints (simco_jax/methods.py), the evaluators and the periods."""
-    if c.loss in NEGATIVE_FREE_LOSSES:
+    if c.loss in registry.NEGATIVE_FREE_LOSSES:
         if c.queue_size:
             yield f"loss={c.loss!r} uses no negatives; set queue_size=0"
         if c.negative_groups != 1:
             yield f"loss={c.loss!r} uses no negatives; set negative_groups=1"
-    from simco_jax import evaluate  # noqa: PLC0415 - imports jax; config itself stays light
+    tau_beta = c.temperature * c.dt_m  # the loss divides by τβ as by τα
+    if not FLOAT32_TINY <= tau_beta <= FLOAT32_MAX:
+        yield (
+            f"temperature * dt_m = {tau_beta:g} (τβ) must be a finite float32 >= "
+            f"{FLOAT32_TINY:.3g}, as the loss divides by it; change temperature or dt_m"
+        )
 
+
+METHOD = Seam(
+    {
+        "momentum_encoder": BOOL,
+        "base_tau_momentum": PROBABILITY,
+        "final_tau_momentum": PROBABILITY,
+        "queue_size": integer(0, 2**24),
+        "temperature": DIVISOR,  # τα
+        "dt_m": DIVISOR,  # τβ / τα
+        "symmetric": BOOL,
+        "loss": one_of(*registry.LOSSES),
+        "bn_groups": COUNT,
+        "shuffle_bn": BOOL,
+        "negative_groups": COUNT,
+    },
+    _method_checks,
+)
+
+# Learning rates: > 0 and at most 100. The recipes use 0.03 (linearly scaled to 7.7 at batch
+# 65,536) and 0.3 for the probe; above 100 an SGD step, not the data, sets the weights (a
+# probe lr of 1e30 gave a loss of 3.5e31 that stayed finite): a typo, not an experiment.
+LEARNING_RATE = real(0.0, 100.0, open_lo=True)
+
+
+def _optimization_checks(c, num_devices):
+    if c.warmup_epochs > c.max_epochs:
+        yield f"warmup_epochs={c.warmup_epochs} must be <= max_epochs={c.max_epochs}"
+
+
+OPTIMIZATION = Seam(
+    {
+        "batch_size": integer(1, 2**20),
+        "max_epochs": integer(1, 100_000),
+        "lr": LEARNING_RATE,
+        "scale_lr": BOOL,
+        "classifier_lr": LEARNING_RATE,
+        "momentum": real(0.0, 1.0, open_hi=True),  # SGD momentum 1 never forgets a gradient
+        "weight_decay": real(0.0, 1.0),
+        "warmup_epochs": integer(0),
+        "warmup_start_lr": real(0.0, 100.0),
+        "min_lr": real(0.0, 100.0),
+        "lr_schedule_unit": one_of("epoch", "step"),
+        "optimizer": one_of(*registry.OPTIMIZERS),
+        "lars_eta": real(0.0, 1.0, open_lo=True),
+        "lars_clip_lr": BOOL,
+        "lars_exclude_bias_n_norm": BOOL,
+    },
+    _optimization_checks,
+)
+
+
+def _augmentation_checks(c, num_devices):
+    if c.min_scale > c.max_scale:
+        yield f"min_scale={c.min_scale} must be <= max_scale={c.max_scale}"
+
+
+AUGMENTATION = Seam(  # torchvision's domains
+    {
+        "crop_size": integer(1, 4096),
+        "min_scale": real(0.0, 1.0, open_lo=True),
+        "max_scale": real(0.0, 1.0, open_lo=True),
+        "brightness": real(0.0),
+        "contrast": real(0.0),
+        "saturation": real(0.0),
+        "hue": real(0.0, 0.5),
+        "color_jitter_prob": PROBABILITY,
+        "gray_scale_prob": PROBABILITY,
+        "horizontal_flip_prob": PROBABILITY,
+        "gaussian_prob": PROBABILITY,
+        "solarization_prob": PROBABILITY,
+        "mean": rgb(real(0.0, 1.0)),
+        "std": rgb(DIVISOR),  # (x − mean) / std
+    },
+    _augmentation_checks,
+)
+
+
+def _is_evals(v) -> bool:
+    """{name: entry with a string `type`} (entries may hold more keys for their evaluator)."""
+    mappings = (dict, ml_collections.ConfigDict)
+    return isinstance(v, mappings) and all(
+        isinstance(e, mappings) and isinstance(e.get("type"), str) and e.get("type")
+        for e in v.values()
+    )
+
+
+EVALS = Domain(_is_evals, "a mapping of names to entries with a 'type' (see config.evals)")
+# A period of an `evals` entry: None (unset), or a number of steps / epochs; <= 0 turns it off.
+_ENTRY_DOMAINS = {
+    "every_steps": Domain(lambda v: v is None or integer().accepts(v), "None or an integer"),
+    "every_epochs": Domain(
+        lambda v: v is None or real(-FLOAT32_MAX).accepts(v), "None or a number"
+    ),
+}
+_BUILT_IN_ENTRY_KEYS = ("type", *_ENTRY_DOMAINS)
+
+
+def _evaluation_checks(c, num_devices):
     for name, entry in c.evals.items():
+        where = f"evals.{name}"
+        if entry.type in registry.EVALUATORS:  # a built-in's entry holds nothing else
+            unknown = [f"{where}.{k}" for k in entry if k not in _BUILT_IN_ENTRY_KEYS]
+            if unknown:
+                known = [f"{where}.{k}" for k in _BUILT_IN_ENTRY_KEYS]
+                yield unknown_keys_message(unknown, known)
+                continue
+        else:
+            try:  # a module of the user's (importing it is not importing JAX here)
+                importlib.import_module(entry.type).Evaluator  # noqa: B018
+            except (ImportError, AttributeError) as error:
+                yield (
+                    f"{where}.type={entry.type!r} is neither a built-in evaluator "
+                    f"{list(registry.EVALUATORS)} nor an importable module with an Evaluator "
+                    f"class ({type(error).__name__}: {error})"
+                )
+        for key, domain in _ENTRY_DOMAINS.items():
+            if not domain.accepts(entry.get(key)):
+                yield f"{where}.{key} must be {domain.text}, got {as_text(entry.get(key))}"
         try:
-            evaluate.evaluator_class(entry.type)
-        except (ImportError, AttributeError) as error:
-            yield (
-                f"evals.{name}.type={entry.type!r} is neither a built-in evaluator "
-                f"{sorted(evaluate.EVALUATORS)} nor an importable module with an Evaluator class "
-                f"({type(error).__name__}: {error})"
-            )
-    periods = [(f"evals.{name}.", entry, "every") for name, entry in c.evals.items()]
-    for prefix, node, name in [*periods, ("", c, "log_every"), ("", c, "checkpoint_every")]:
-        try:
-            period_steps(node, name, 1)  # both spellings given: refused here
+            period_steps(entry, "every", 1)  # both spellings given: refused here
         except ConfigError as error:
-            yield f"{prefix}{error}"
+            yield f"{where}.{error}"
+
+
+EVALUATION = Seam(
+    {
+        "evals": EVALS,
+        "eval_every_epochs": integer(
+            note="<= 0 turns the online probe's evaluation off; the probe still trains"
+        ),
+        "knn_every_epochs": integer(note="<= 0 turns the kNN monitor off"),
+        "knn_k": COUNT,
+        # exp(similarity / T) of the kNN vote overflows float32 for T < 1 / 88.7.
+        "knn_temperature": real(0.012, 100.0),
+        "eval_batch_size": integer(1, 2**20),
+        "knn_bank_dtype": one_of("float32", "bfloat16"),
+    },
+    _evaluation_checks,
+)
+
+
+def _runtime_checks(c, num_devices):
+    if num_devices is not None and c.batch_size % num_devices:
+        yield (
+            f"batch_size={c.batch_size} is not divisible by the {num_devices} devices; use a "
+            f"multiple of {num_devices} (the batch is the global batch, split evenly over devices)"
+        )
+    for name in PERIODS:
+        if c[f"{name}_steps"] is None and c[f"{name}_epochs"] is None:
+            yield f"set {name}_steps or {name}_epochs (both are None)"
+        try:
+            period_steps(c, name, 1)  # both spellings given: refused here
+        except ConfigError as error:
+            yield str(error)
+
+
+RUNTIME = Seam(
+    {
+        "seed": integer(0, 2**31 - 1),
+        "dtype": one_of("auto", "float32", "bfloat16"),
+        "steps_per_dispatch": integer(1, 100_000),
+        "log_every_steps": STEPS_OR_NONE,
+        "log_every_epochs": EPOCHS_OR_NONE,
+        "checkpoint_every_steps": STEPS_OR_NONE,
+        "checkpoint_every_epochs": EPOCHS_OR_NONE,
+        "keep_checkpoints": COUNT,
+        "device_memory_gb": real(0.0),  # 0 = ask JAX
+        "max_steps": Domain(
+            lambda v: integer().accepts(v) and (v == -1 or v >= 1), "-1 (no limit) or >= 1"
+        ),
+    },
+    _runtime_checks,
+)
+
+SEAMS = {
+    "data": DATA,
+    "model": MODEL,
+    "method": METHOD,
+    "optimization": OPTIMIZATION,
+    "augmentation": AUGMENTATION,
+    "evaluation": EVALUATION,
+    "runtime": RUNTIME,
+}
+DOMAINS: dict[str, Domain] = {k: d for seam in SEAMS.values() for k, d in seam.domains.items()}
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
     """Rejects impossible settings before anything is loaded or compiled: each key against its
-    domain, then the constraints between keys. Raises a one-line ConfigError naming the key."""
-    known = base_config()
-    unknown = sorted(set(config.keys()) - set(known.keys()))
-    if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known.keys())}")
-    for key, domain in DOMAINS.items():
-        if key in config and not domain.accepts(config[key]):
-            value = config[key]
-            if isinstance(value, ml_collections.ConfigDict):  # one line, not its YAML
-                value = value.to_dict()
-            raise ConfigError(f"{key} must be {domain.text}, got {value!r}")
-    for message in _cross_key_errors(config, num_devices):
-        raise ConfigError(message)
+    seam's domain, then the seams' constraints between keys. Raises a one-line ConfigError
+    naming the key."""
+    check(config, SEAMS.values(), num_devices=num_devices)

@@ -16,6 +16,7 @@ reads it when momentum=None).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 
@@ -358,15 +359,64 @@ def export_run(workdir, out, *, include_projector: bool = False) -> dict[str, np
     )
 
 
-def main(argv=None) -> None:
-    import argparse
+def argument_error(workdir: str, out: str) -> str | None:
+    """What is wrong with --workdir (a training run's, with a checkpoint) or --out (a file
+    path in a writable directory), as one line; None if nothing is. Checked before anything
+    is restored, so nothing is written for a bad command."""
+    run = f"--workdir={workdir!r}"
+    if not workdir:
+        return "--workdir is empty; pass a training run's --workdir"
+    if not os.path.isdir(workdir):
+        what = "does not exist" if not os.path.exists(workdir) else "is not a directory"
+        return f"{run} {what}; pass a training run's --workdir"
+    config = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config):
+        return f"{run} holds no config.json: it is not a training run's --workdir"
+    try:
+        with open(config) as f:
+            json.load(f)
+    except (OSError, ValueError) as error:
+        return f"{config} cannot be read ({error}); the run's workdir is damaged"
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return f"{run} has no checkpoints/ directory: the run has not saved a checkpoint yet"
+    if not any(name.isdigit() for name in os.listdir(checkpoints)):  # Orbax's step folders
+        return f"{checkpoints} holds no checkpoint: the run has not saved one yet"
+    if not out:
+        return "--out is empty; pass a file path, e.g. --out=backbone.safetensors"
+    if os.path.isdir(out):
+        return (
+            f"--out={out!r} is a directory; pass a file path in it, e.g. {out}/backbone.safetensors"
+        )
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return f"the directory of --out={out!r} does not exist; create {parent} first"
+    if not os.access(parent, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        return f"--out={out!r} cannot be written (permission denied); pass a writable path"
+    return None
 
-    parser = argparse.ArgumentParser(description="Export a run's backbone as torchvision names.")
+
+def main(argv=None) -> None:
+    from simco_jax import checkpointing, cli
+    from simco_jax import config as config_lib
+
+    parser = cli.ArgumentParser(
+        prog="python -m simco_jax.export",
+        description="Export a run's backbone as torchvision names.",
+    )
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     parser.add_argument("--include_projector", action="store_true")
     args = parser.parse_args(argv)
-    tensors = export_run(args.workdir, args.out, include_projector=args.include_projector)
+    problem = argument_error(args.workdir, args.out)
+    if problem:
+        cli.fail(problem)
+    try:
+        tensors = export_run(args.workdir, args.out, include_projector=args.include_projector)
+    except (checkpointing.CheckpointError, config_lib.ConfigError) as error:
+        cli.fail(str(error))
+    except OSError as error:  # e.g. writing --out: a full disk, a vanished directory
+        cli.fail(f"{error.filename or args.out}: {error.strerror or error}")
     print(describe_export(args.out, tensors))
 
 

@@ -66,27 +66,39 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate(config) -> None:
-    """The linear-eval config's own checks (the training schema does not apply to it)."""
-
-    def fail(message):
-        raise config_lib.ConfigError(message)
-
-    known = set(default_config().keys())
-    unknown = sorted(set(config.keys()) - known)
-    if unknown:
-        fail(f"unknown linear_eval keys {unknown}; known keys: {sorted(known)}")
+def _linear_eval_checks(config, num_devices):
     if not config.pretrained:
-        fail("set --config.pretrained=WORKDIR, the pretraining run's --workdir")
-    if config.mode not in MODES:
-        fail(f"mode must be one of {MODES}, got {config.mode!r}")
-    if config.linear_schedule not in SCHEDULES:
-        fail(f"linear_schedule must be one of {SCHEDULES}, got {config.linear_schedule!r}")
-    for key in ("linear_epochs", "linear_lr", "linear_batch_size", "knn_k", "eval_batch_size"):
-        if not config[key] > 0:
-            fail(f"{key} must be > 0, got {config[key]!r}")
-    if not 0.0 < config.linear_min_scale <= 1.0:
-        fail(f"linear_min_scale must lie in (0, 1], got {config.linear_min_scale}")
+        yield "set --config.pretrained=WORKDIR, the pretraining run's --workdir"
+
+
+# The linear-evaluation keys' domains (the training schema does not apply to this config).
+SEAM = config_lib.Seam(
+    {
+        "pretrained": config_lib.TEXT,
+        "mode": config_lib.one_of(*MODES),
+        "linear_epochs": config_lib.integer(1, 100_000),
+        "linear_lr": config_lib.LEARNING_RATE,
+        "linear_batch_size": config_lib.integer(1, 2**20),
+        "linear_momentum": config_lib.real(0.0, 1.0, open_hi=True),
+        "linear_weight_decay": config_lib.real(0.0, 1.0),
+        "linear_schedule": config_lib.one_of(*SCHEDULES),
+        "linear_min_scale": config_lib.real(0.0, 1.0, open_lo=True),
+        "linear_max_steps": config_lib.DOMAINS["max_steps"],
+        "knn_k": config_lib.COUNT,
+        "knn_temperature": config_lib.DOMAINS["knn_temperature"],
+        "eval_batch_size": config_lib.DOMAINS["eval_batch_size"],
+        "eval_dataset": config_lib.Domain(
+            lambda v: v is None or isinstance(v, str), "None (the run's) or a dataset name"
+        ),
+        "seed": config_lib.DOMAINS["seed"],
+    },
+    _linear_eval_checks,
+)
+
+
+def validate(config) -> None:
+    """The linear-eval config's domains and checks, by the training config's machinery."""
+    config_lib.check(config, [SEAM], what="linear_eval")
 
 
 # --------------------------------------------------------------------------------------------

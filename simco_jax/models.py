@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simco_jax import registry
+
 Dtype = Any
 
 # kaiming_normal_(mode='fan_out', nonlinearity='relu'): gain² = 2, plain normal (not truncated).
@@ -245,7 +247,7 @@ def make_backbone(
     )
 
 
-PROJECTORS = ("mlp", "mlp_bn", "mlp3_bn")
+PROJECTORS = registry.PROJECTORS
 
 
 class Projector(nn.Module):

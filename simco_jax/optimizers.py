@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("sgd", "lars")
+from simco_jax import registry
+
+OPTIMIZERS = registry.OPTIMIZERS
 
 
 def make_optimizer(config, learning_rate, base_lr: float) -> optax.GradientTransformation:

@@ -12,17 +12,20 @@ A sweep file defines `get_sweep(variant=None)` returning a dict:
     tied:      optional {key: other key}: key takes other key's value (e.g. a constant momentum:
                final_tau_momentum follows base_tau_momentum)
 
-Each point trains in ROOT/<key=value,...> (rerunning the command resumes interrupted points and
-skips finished ones: those with a `sweep_point.json`). The table (ROOT/results.csv and
-ROOT/results.md) has one row per point: the grid values, the final online-probe top-1/top-5, the
-last kNN top-1, the steps trained, the wall time of the call that finished the point, and the
-hardware. `PUBLISHED` holds the official repository's batch-size table for plots beside it.
+Every point's config is built and checked before the first point trains: a missing sweep file,
+an unknown variant, grid key or framework, a value of the wrong type or an empty grid is one line
+`error: ...` and exit 2. Each point trains in ROOT/<key=value,...> (rerunning the command resumes
+interrupted points and skips finished ones: those with a `sweep_point.json`). The table
+(ROOT/results.csv and ROOT/results.md) has one row per point: the grid values, the final
+online-probe top-1/top-5, the last kNN top-1, the steps trained, the wall time of the call that
+finished the point, and the hardware. `PUBLISHED` holds the official repository's batch-size
+table for plots beside it.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import glob
 import importlib.util
 import itertools
 import json
@@ -36,7 +39,8 @@ import time
 import jax
 import ml_collections
 
-from simco_jax import parallel, progress, train, writers
+from simco_jax import checkpointing, cli, data, domains, parallel, progress, train, workdir, writers
+from simco_jax import config as config_lib
 
 # Named, not __name__: under `python -m simco_jax.sweep` that is '__main__', outside the
 # 'simco_jax' logger whose level main() (and launch.py) set to INFO, so nothing would show.
@@ -55,14 +59,24 @@ PUBLISHED_SOURCE = "official README, CIFAR-100, ResNet-18, 200 epochs, top-1 %"
 
 METRIC_COLUMNS = ("probe_top1", "probe_top5", "knn_top1", "steps", "wall_s", "device")
 DONE_FILE = "sweep_point.json"
+DEFAULT_BASE = "configs/simco_cifar.py"
+# What a user can cause and fix: one line and exit 2 (as launch.py's).
+EXPECTED_ERRORS = (
+    config_lib.ConfigError,
+    data.DataError,
+    checkpointing.CheckpointError,
+    checkpointing.CheckpointSaveError,
+    train.NonFiniteLossError,
+    workdir.WorkdirLockError,
+)
 
 
 def load_module(path: str):
     """A Python file as a module; relative paths resolve from the cwd, then the repository."""
     candidates = [path, os.path.join(REPO, path)]
-    found = next((p for p in candidates if os.path.exists(p)), None)
+    found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
-        raise FileNotFoundError(f"{path} not found (looked in {os.getcwd()} and {REPO})")
+        raise config_lib.ConfigError(f"{path} is not a file (looked in {os.getcwd()} and {REPO})")
     name = "_simco_file_" + os.path.splitext(os.path.basename(found))[0]
     spec = importlib.util.spec_from_file_location(name, found)
     module = importlib.util.module_from_spec(spec)
@@ -70,10 +84,45 @@ def load_module(path: str):
     return module
 
 
+SWEEP_KEYS = ("base", "grid", "overrides", "tied")
+
+
+def frameworks() -> list[str]:
+    """The `framework` grid values: configs/<framework>_cifar.py."""
+    paths = glob.glob(os.path.join(REPO, "configs", "*_cifar.py"))
+    return sorted(os.path.basename(p)[: -len("_cifar.py")] for p in paths)
+
+
 def load_sweep(path: str, variant: str | None = None) -> dict:
-    sweep = load_module(path).get_sweep(variant)
-    if not sweep.get("grid"):
-        raise ValueError(f"{path}: get_sweep() must return a dict with a non-empty 'grid'")
+    """The sweep file's dict, its shape checked (one-line ConfigErrors); its points' configs
+    are checked by `point_configs`."""
+    module = load_module(path)
+    if not callable(getattr(module, "get_sweep", None)):
+        raise config_lib.ConfigError(f"{path} defines no get_sweep(variant=None)")
+    sweep = module.get_sweep(variant)
+    if not isinstance(sweep, dict):
+        raise config_lib.ConfigError(f"{path}: get_sweep() must return a dict, got {sweep!r}")
+    unknown = [key for key in sweep if key not in SWEEP_KEYS]
+    if unknown:
+        raise config_lib.ConfigError(
+            f"{path}: {config_lib.unknown_keys_message(unknown, SWEEP_KEYS, noun='sweep key')}"
+        )
+    grid = sweep.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise config_lib.ConfigError(f"{path}: 'grid' must be a non-empty dict, got {grid!r}")
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise config_lib.ConfigError(
+                f"{path}: grid[{key!r}] must be a non-empty list of values, got {values!r}"
+            )
+    for key in ("overrides", "tied"):
+        if not isinstance(sweep.get(key) or {}, dict):
+            raise config_lib.ConfigError(f"{path}: {key!r} must be a dict, got {sweep[key]!r}")
+    unknown = sorted({str(f) for f in grid.get("framework", ())} - set(frameworks()))
+    if unknown:
+        raise config_lib.ConfigError(
+            f"{path}: unknown framework {unknown[0]!r}; known: {', '.join(frameworks())}"
+        )
     return sweep
 
 
@@ -93,7 +142,10 @@ def _format(value) -> str:
 
 
 def point_config(base, point: dict, *, variant=None, overrides=None, tied=None):
-    """The point's config: base (a ConfigDict or a config file), overrides, grid values, ties."""
+    """The point's config: base (a ConfigDict or a config file), overrides, grid values, ties.
+
+    A value of the wrong type, or a key the config does not have, is a one-line ConfigError;
+    a period given in one spelling replaces the base's other one (as on launch.py's line)."""
     point = dict(point)
     framework = point.pop("framework", None)
     if framework is not None:
@@ -102,11 +154,44 @@ def point_config(base, point: dict, *, variant=None, overrides=None, tied=None):
         config = load_module(base).get_config(variant)
     else:
         config = ml_collections.ConfigDict(base.to_dict())
-    config.update(overrides or {})
-    config.update(point)
-    for key, source in (tied or {}).items():
+    values = {**(overrides or {}), **point}
+    tied = tied or {}
+    unknown = [key for key in [*values, *tied, *tied.values()] if key not in config]
+    if unknown:
+        raise config_lib.ConfigError(
+            config_lib.unknown_keys_message(unknown, config.keys())
+            + f"; the keys: {domains.keys_location()}"
+        )
+    for key, value in values.items():
+        try:
+            config[key] = value
+        except TypeError:  # ml_collections keeps each key's type
+            domain = config_lib.DOMAINS.get(key)
+            expected = domain.text if domain else f"of the type of {config[key]!r}"
+            raise config_lib.ConfigError(f"{key} must be {expected}, got {value!r}") from None
+    for key, source in tied.items():
         config[key] = config[source]
+    config_lib.prefer_given_periods(config, set(values))
     return config
+
+
+def point_configs(sweep: dict, variant: str | None, *, num_devices=None) -> list:
+    """Every point's config, each checked, before any point trains: (point, config) pairs."""
+    configs = []
+    for point in grid_points(sweep["grid"]):
+        try:
+            config = point_config(
+                sweep.get("base", DEFAULT_BASE),
+                point,
+                variant=variant,
+                overrides=sweep.get("overrides"),
+                tied=sweep.get("tied"),
+            )
+            config_lib.validate(config, num_devices=num_devices)
+        except config_lib.ConfigError as error:
+            raise config_lib.ConfigError(f"point {point_name(point)}: {error}") from None
+        configs.append((point, config))
+    return configs
 
 
 def _device_description() -> str:
@@ -195,9 +280,12 @@ def run_sweep(
     tied: dict | None = None,
     command: str = "",
 ) -> list[dict]:
-    """Runs every unfinished point of `grid`, then writes the tables; returns the table's rows."""
-    os.makedirs(root_workdir, exist_ok=True)
-    points = grid_points(grid)
+    """Checks every point's config, then runs every unfinished point of `grid`, then writes the
+    tables; returns the table's rows."""
+    sweep = dict(base=base_config_path_or_config, grid=grid, overrides=overrides, tied=tied)
+    configs = point_configs(sweep, variant, num_devices=jax.device_count())
+    _make_root(root_workdir)
+    points = [point for point, _ in configs]
     done = [os.path.exists(os.path.join(root_workdir, point_name(p), DONE_FILE)) for p in points]
     # A bar on a terminal; elsewhere the log lines below say it all (no throttled repeats).
     task = progress.Task(
@@ -205,7 +293,7 @@ def run_sweep(
     )
     durations = []  # seconds of the points trained by this call
     try:
-        for index, point in enumerate(points, start=1):
+        for index, (point, config) in enumerate(configs, start=1):
             name, workdir = point_name(point), os.path.join(root_workdir, point_name(point))
             if done[index - 1]:
                 log.info("[%d/%d] %s: skipped (finished)", index, len(points), name)
@@ -214,9 +302,6 @@ def run_sweep(
             task.update(index - 1, f"[{index}/{len(points)}] {name} | ETA {eta}")
             log.info(
                 "[%d/%d] %s: training in %s (sweep ETA %s)", index, len(points), name, workdir, eta
-            )
-            config = point_config(
-                base_config_path_or_config, point, variant=variant, overrides=overrides, tied=tied
             )
             start = time.perf_counter()
             if run_point(config, workdir, point).get("preempted"):
@@ -229,6 +314,15 @@ def run_sweep(
     return write_tables(root_workdir, grid, command=command)
 
 
+def _make_root(root: str) -> None:
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as error:
+        raise config_lib.ConfigError(
+            f"cannot make --workdir={root!r} ({error.strerror}); pass a writable directory"
+        ) from None
+
+
 def sweep_eta_s(durations: list[float], points_left: int) -> float:
     """The sweep's ETA as a point starts: it and the `points_left` after it, each as long as the
     mean point trained so far by this call (NaN before one has finished)."""
@@ -238,7 +332,9 @@ def sweep_eta_s(durations: list[float], points_left: int) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m simco_jax.sweep", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sweep", required=True, help="a sweep file, e.g. sweeps/batch_size.py")
     parser.add_argument("--workdir", required=True, help="root directory of the sweep's runs")
     parser.add_argument("--variant", default=None, help="config variant, e.g. smoke")
@@ -252,23 +348,27 @@ def main(argv=None) -> None:
         level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True
     )
     logging.getLogger("simco_jax").setLevel(logging.INFO)  # our progress; libraries stay quiet
-    sweep = load_sweep(args.sweep, args.variant)
     command = "python -m simco_jax.sweep " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--table_only"
     )
-    if args.table_only:
-        os.makedirs(args.workdir, exist_ok=True)
-        rows = write_tables(args.workdir, sweep["grid"], command=command)
-    else:
-        rows = run_sweep(
-            sweep.get("base", "configs/simco_cifar.py"),
-            sweep["grid"],
-            args.workdir,
-            variant=args.variant,
-            overrides=sweep.get("overrides"),
-            tied=sweep.get("tied"),
-            command=command,
-        )
+    try:
+        sweep = load_sweep(args.sweep, args.variant)
+        if args.table_only:
+            point_configs(sweep, args.variant)  # the same checks: a typo is not a table
+            _make_root(args.workdir)
+            rows = write_tables(args.workdir, sweep["grid"], command=command)
+        else:
+            rows = run_sweep(
+                sweep.get("base", DEFAULT_BASE),
+                sweep["grid"],
+                args.workdir,
+                variant=args.variant,
+                overrides=sweep.get("overrides"),
+                tied=sweep.get("tied"),
+                command=command,
+            )
+    except EXPECTED_ERRORS as error:
+        cli.fail(str(error))
     print(f"{len(rows)} points; tables in {args.workdir}/results.csv and results.md")
 
 

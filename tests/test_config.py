@@ -4,7 +4,7 @@ import math
 
 import ml_collections
 import pytest
-from helpers import FRAMEWORKS, framework_config
+from helpers import FRAMEWORKS, framework_config, run_python
 
 from simco_jax import config as config_lib
 
@@ -38,16 +38,39 @@ def test_official_recipe_defaults():
     assert framework_config("mocov2", None).queue_size == 65536
 
 
-def test_unknown_variant_is_named():
-    with pytest.raises(ValueError, match="unknown config variant 'tiny'"):
-        framework_config("simco", "tiny")
+def test_unknown_variant_is_named_in_one_line_before_anything_is_set():
+    message = r"unknown config variant 'tiny' \(in 'smoke,tiny'\); known: smoke, cifar10, cifar100"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        framework_config("simco", "smoke,tiny")
+    config = config_lib.base_config()
+    with pytest.raises(config_lib.ConfigError, match="unknown config variant 'tiny'"):
+        config_lib.apply_variants(config, "smoke,tiny", config_lib.CIFAR_VARIANTS)
+    assert config.to_dict() == config_lib.base_config().to_dict()  # nothing applied
+
+
+def test_one_variant_parser_for_every_config_file():
+    from configs import linear_eval
+
+    applied = config_lib.apply_variants(
+        config_lib.base_config(), " cifar10 , smoke", config_lib.CIFAR_VARIANTS
+    )
+    assert (applied.dataset, applied.batch_size) == ("synthetic", 32)  # in order: smoke last
+    assert linear_eval.get_config("smoke").linear_max_steps == 4
+    with pytest.raises(config_lib.ConfigError, match="unknown config variant 'smok'; known: smoke"):
+        linear_eval.get_config("smok")
+    marks = []
+    config_lib.apply_variants(None, "a,b", {"a": lambda c: marks.append("a"), "b": marks.append})
+    assert marks == ["a", None]  # a function variant gets the config
 
 
 @pytest.mark.parametrize(
     "overrides, num_devices, message",
     [
-        (dict(temperature=0.0), 1, "temperature must be a finite number > 0, got 0.0"),
-        (dict(dt_m=-1.0), 1, "dt_m must be a finite number > 0"),
+        (dict(temperature=0.0), 1, r"temperature must be a finite float32 >= 1.18e-38 \(its rec"),
+        (dict(temperature=1e39), 1, "temperature must be a finite float32"),
+        (dict(dt_m=-1.0), 1, "dt_m must be a finite float32 >= "),
+        (dict(temperature=1e-20, dt_m=1e-20), 1, r"temperature \* dt_m = 1e-40 \(τβ\) must"),
+        (dict(temperature=1e20, dt_m=1e20), 1, r"temperature \* dt_m = 1e\+40 \(τβ\) must"),
         (
             dict(base_tau_momentum=1.5),
             1,
@@ -80,12 +103,15 @@ def test_bad_settings_fail_with_a_message(overrides, num_devices, message):
         config_lib.validate(config, num_devices=num_devices)
 
 
-def test_unknown_key_is_rejected_with_the_known_ones():
+def test_unknown_key_is_rejected_with_a_did_you_mean_in_one_short_line():
     config = framework_config("simco", "smoke")
     config.unlock()
     config.temprature = 0.2
-    with pytest.raises(config_lib.ConfigError, match=r"unknown config keys \['temprature'\]"):
+    config.fo = 1
+    message = r"^unknown config keys fo, temprature \(did you mean temperature\?\); the keys: base"
+    with pytest.raises(config_lib.ConfigError, match=message) as raised:
         config_lib.validate(config)
+    assert len(str(raised.value)) < 200  # the did-you-mean, not every key
 
 
 # At least one bad value for every key of base_config(): its type, range, finiteness,
@@ -117,8 +143,8 @@ BAD_VALUES = {
     "base_tau_momentum": [1.5, math.nan],
     "final_tau_momentum": [-0.1],
     "queue_size": [-1, 48, 2**30],
-    "temperature": [0.0, -0.1, math.inf, math.nan, "0.1"],
-    "dt_m": [0.0, math.inf],
+    "temperature": [0.0, -0.1, math.inf, math.nan, "0.1", 1e39, 1e-39],
+    "dt_m": [0.0, math.inf, 1e39, 1e-39],
     "symmetric": [None],
     "loss": ["mse"],
     "bn_groups": [0, 3, 32],
@@ -142,7 +168,7 @@ BAD_VALUES = {
     "crop_size": [0],
     "min_scale": [0.0, 1.5],
     "max_scale": [1.5, 0.05],
-    "brightness": [-0.1],
+    "brightness": [-0.1, 1e39],
     "contrast": [math.inf],
     "saturation": [-1.0],
     "hue": [0.6],
@@ -152,24 +178,27 @@ BAD_VALUES = {
     "gaussian_prob": [math.nan],
     "solarization_prob": [-1.0],
     "mean": [(0.5, 0.5), (2.0, 0.0, 0.0)],
-    "std": [(0.2, 0.2, 0.0), (0.2, 0.2, math.inf)],
+    "std": [(0.2, 0.2, 0.0), (0.2, 0.2, math.inf), (0.2, 0.2, 1e-39)],
     "evals": [
         {"probe": {"every_steps": 4}},  # no type
         {"mine": {"type": "no_such_evaluator_module"}},
         {"probe": {"type": "probe", "every_steps": 4, "every_epochs": 1.0}},
+        {"probe": {"type": "probe", "every_epoch": 1.0}},  # a typo in a built-in's entry
+        {"knn": {"type": "knn", "every_steps": 1.5}},
+        {"knn": {"type": "knn", "every_epochs": 1e39}},
     ],
-    "eval_every_epochs": [0],
+    "eval_every_epochs": [0.5, None],
     "knn_k": [0],
     "knn_temperature": [0.0, 0.001, math.inf],
-    "knn_every_epochs": [-1],
+    "knn_every_epochs": [1.5, "10"],
     "eval_batch_size": [0],
     "knn_bank_dtype": ["float16"],
     "seed": [-1, 2**40],
     "dtype": ["float16"],
     "steps_per_dispatch": [0],
-    "log_every_steps": [0],
+    "log_every_steps": [0, None],  # None: and log_every_epochs unset
     "log_every_epochs": [0.0, -1.0, "1"],
-    "checkpoint_every_steps": [0],
+    "checkpoint_every_steps": [0, 2.0],
     "checkpoint_every_epochs": [math.nan],
     "keep_checkpoints": [0, -1],
     "device_memory_gb": [-1.0, math.inf],
@@ -209,6 +238,43 @@ def test_every_bad_value_fails_in_validate_naming_its_key(key, value, tmp_path, 
 def test_domain_bounds_are_inclusive_where_they_say_so():
     ok = dict(momentum=0.0, hue=0.5, min_scale=1.0, keep_checkpoints=1, max_steps=-1, lr=100.0)
     ok.update(knn_every_epochs=0, warmup_epochs=2, knn_temperature=0.012, seed=2**31 - 1)
+    ok.update(eval_every_epochs=-1, temperature=1.2e-38 / 0.1, std=(3e38, 1.0, 1.0))
     config_lib.validate(ml_collections.ConfigDict({**_with("lr", 0.1).to_dict(), **ok}))
     config_lib.validate(_with("queue_size", 64))  # a multiple of the batch
     config_lib.validate(_with("negative_groups", 16))  # sub-batches of 2
+
+
+def test_importing_the_config_and_checking_it_imports_no_jax():
+    code = (
+        "import sys, importlib\n"
+        "from simco_jax import config\n"
+        "for f in ('simco', 'mocov2', 'simmoco', 'byol', 'simsiam'):\n"
+        "    config.validate(importlib.import_module(f'configs.{f}_cifar').get_config('smoke'))\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax'))\n"
+        "print(heavy)\n"
+    )
+    result = run_python(["-c", code])
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_every_key_belongs_to_exactly_one_seam():
+    seams = [set(seam.domains) for seam in config_lib.SEAMS.values()]
+    assert sum(map(len, seams)) == len(set().union(*seams)) == len(config_lib.DOMAINS)
+
+
+def test_a_period_the_user_sets_replaces_the_config_files_other_spelling():
+    config = framework_config("simco", "smoke")  # the file sets log_every_steps=4
+    config.evals.probe.every_steps = 3
+    config.log_every_epochs, config.evals.probe.every_epochs = 1.0, 0.5
+    with pytest.raises(config_lib.ConfigError, match="are both set; set only one"):
+        config_lib.validate(config)
+    given = {"log_every_epochs", "evals.probe.every_epochs", "checkpoint_every_steps"}
+    config_lib.prefer_given_periods(config, given)
+    config_lib.validate(config)
+    assert (config.log_every_steps, config.evals.probe.every_steps) == (None, None)
+    assert config_lib.period_steps(config, "log_every", 8) == 8
+    assert config_lib.eval_periods(config, 8)["probe"] == 4
+    assert config.checkpoint_every_steps == 8  # given, and its other spelling was unset anyway
+    config.log_every_epochs = None  # neither spelling: refused (the trainer logs on a period)
+    with pytest.raises(config_lib.ConfigError, match="set log_every_steps or log_every_epochs"):
+        config_lib.validate(config)

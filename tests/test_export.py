@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import struct
 
 import jax
@@ -409,3 +410,53 @@ def test_printed_snippet_loads_the_export_into_torchvision(width, include_projec
     assert_features_close(np.load(tmp_path / "features.npy"), flax_features)
     if include_projector:
         assert_features_close(np.load(tmp_path / "projections.npy"), flax_projections)
+
+
+def _run_without_checkpoint(tmp_path):
+    """A workdir with the run's config.json and an empty checkpoints/ (nothing saved yet)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    return run
+
+
+@pytest.mark.parametrize(
+    "workdir, out, message",
+    [
+        ("", "x.safetensors", "--workdir is empty"),
+        ("nope", "x.safetensors", r"--workdir='.*nope' does not exist; pass a training run's"),
+        ("file", "x.safetensors", r"--workdir='.*file' is not a directory"),
+        ("bare", "x.safetensors", r"--workdir='.*bare' holds no config.json: it is not a train"),
+        ("bad_json", "x.safetensors", r"config.json cannot be read \(.*\); the run's workdir is"),
+        ("no_ckpt", "x.safetensors", r"has no checkpoints/ directory: the run has not saved"),
+        ("run", "x.safetensors", r"checkpoints holds no checkpoint: the run has not saved one"),
+        ("saved", "", "--out is empty"),
+        ("saved", ".", r"--out='.*' is a directory; pass a file path in it"),
+        ("saved", "missing/x.safetensors", r"the directory of --out='.*' does not exist; create"),
+    ],
+)
+def test_bad_workdir_and_out_are_named_in_one_line(workdir, out, message, tmp_path):
+    run = _run_without_checkpoint(tmp_path)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bad_json").mkdir()
+    (tmp_path / "bad_json" / "config.json").write_text("{")
+    (tmp_path / "no_ckpt").mkdir()
+    (tmp_path / "no_ckpt" / "config.json").write_text("{}")
+    (tmp_path / "saved" / "checkpoints" / "8").mkdir(parents=True)  # a run with a step saved
+    (tmp_path / "saved" / "config.json").write_text("{}")
+    where = lambda p: p and str(tmp_path / p)
+    line = export.argument_error(where(workdir), where(out) if out != "." else str(run))
+    assert re.search(message, line) and "\n" not in line and "pretrained" not in line, line
+    assert export.argument_error(where("saved"), where("x.safetensors")) is None
+
+
+def test_export_of_a_run_without_a_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    run = _run_without_checkpoint(tmp_path)
+    (run / "config.json").write_text(json.dumps({"seed": 15}))
+    out = tmp_path / "x.safetensors"
+    result = run_python(["-m", "simco_jax.export", f"--workdir={run}", f"--out={out}"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: {run}/checkpoints holds no checkpoint: the run has not saved one yet"
+    assert not out.exists()

@@ -5,6 +5,7 @@ import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from helpers import framework_config, run_python
@@ -121,22 +122,29 @@ def test_linear_schedules():
         ({"pretrained": ""}, "config.pretrained"),
         ({"mode": "svm"}, "mode must be one of"),
         ({"linear_schedule": "linear"}, "linear_schedule"),
-        ({"linear_epochs": 0}, "linear_epochs must be > 0"),
+        ({"linear_epochs": 0}, r"linear_epochs must be an integer in \[1, 100000\], got 0"),
+        ({"linear_epochs": 1.5}, "linear_epochs must be an integer"),
+        ({"linear_lr": 1e39}, "linear_lr must be a finite number in"),
+        ({"linear_min_scale": 0.0}, r"linear_min_scale must be a finite number in \(0, 1\]"),
+        ({"eval_dataset": 3}, "eval_dataset must be None"),
+        ({"knn_k": 0}, "knn_k must be an integer >= 1"),
     ],
 )
 def test_validate_rejects_bad_settings(overrides, message):
     config = linear_eval.default_config()
     config.pretrained = "runs/x"
-    config.update(overrides)
-    with pytest.raises(config_lib.ConfigError, match=message):
+    config = ml_collections.ConfigDict({**config.to_dict(), **overrides})  # any type
+    with pytest.raises(config_lib.ConfigError, match=message) as raised:
         linear_eval.validate(config)
+    assert "\n" not in str(raised.value)
 
 
 def test_validate_rejects_unknown_keys():
     config = linear_eval.default_config()
     config.pretrained = "runs/x"
     config.batch_size = 64  # a training key: not a linear-eval setting
-    with pytest.raises(config_lib.ConfigError, match="unknown linear_eval keys"):
+    message = r"^unknown linear_eval key batch_size \(did you mean eval_batch_size\?\); the keys"
+    with pytest.raises(config_lib.ConfigError, match=message):
         linear_eval.validate(config)
 
 

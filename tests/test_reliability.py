@@ -93,9 +93,18 @@ def reference(tmp_path_factory):
     [
         (dict(momentum=1.5), r"momentum must be a finite number in \[0, 1\), got 1.5"),
         (dict(momentum=-0.1), r"momentum must be a finite number in \[0, 1\), got -0.1"),
-        (dict(temperature=-0.1), "temperature must be a finite number > 0, got -0.1"),
-        (dict(dt_m=0.0), "dt_m must be a finite number > 0, got 0.0"),
-        (dict(temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
+        (
+            dict(temperature=-0.1),
+            r"temperature must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got -0.1",
+        ),
+        (
+            dict(dt_m=0.0),
+            r"dt_m must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got 0.0",
+        ),
+        (
+            dict(temperature=float("inf")),
+            r"temperature must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got inf",
+        ),
         (dict(queue_size=48), "queue_size=48 must be a multiple of the global batch_size=32"),
     ],
 )
@@ -110,7 +119,7 @@ def test_unknown_key_fails_through_train_and_evaluate(tmp_path):
     config = _config()
     config.unlock()
     config.lr_warmup = 5
-    with pytest.raises(config_lib.ConfigError, match=r"unknown config keys \['lr_warmup'\]"):
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key lr_warmup;"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -120,9 +129,9 @@ def test_unknown_key_fails_through_train_and_evaluate(tmp_path):
         (
             ["--config.temprature=0.2"],
             {},
-            r"unknown config key\(s\) \['temprature'\]; did you mean \['--config.temperature'\]",
+            r"unknown config key --config.temprature \(did you mean --config.temperature\?\)",
         ),
-        (["--config.foo=1"], {}, r"unknown config key\(s\) \['foo'\]. Known keys: \['backbone'"),
+        (["--config.foo=1"], {}, r"unknown config key --config.foo; the keys: base_config\(\) in"),
         (["--config.batch_size=abc"], {}, "flag --config.batch_size=abc: invalid literal for int"),
         (
             ["--config.batch_size=30"],
@@ -637,7 +646,10 @@ def test_resume_with_a_changed_batch_is_refused_before_any_data_and_touches_noth
             dict(batch_size=64, seed=99),
             r"batch_size: 32 in the checkpoint, 64 now, seed: 15 in the checkpoint, 99 now",
         ),
-        (dict(max_epochs=8), "max_epochs: 4 in the checkpoint, 8 now"),  # the cosine's span
+        (
+            dict(max_epochs=8),
+            r"max_epochs: 4 in the checkpoint, 8 now \(the cosine schedule spans max_epochs, and ",
+        ),
         (dict(lr=0.1, temperature=0.2), "temperature: 0.1 in the checkpoint, 0.2 now, lr: "),
         (dict(dataset="cifar10"), "dataset: 'synthetic' in the checkpoint, 'cifar10' now"),
     ]:

@@ -223,3 +223,82 @@ def test_shipped_example_table_is_what_its_command_prints_today(study, tmp_path)
         f"notebooks/example_results/{study} is stale: rerun `{_example_command(study)}` and "
         "copy results.csv and results.md there and the table into docs/results.md"
     )
+
+
+def _sweep_file(tmp_path, text, name="study.py"):
+    path = tmp_path / name
+    path.write_text(f"def get_sweep(variant=None):\n    return {text}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "sweep_text, message",
+    [
+        ("{'grid': {}}", r"'grid' must be a non-empty dict, got \{\}$"),
+        ("{'grid': {'dt_m': []}}", r"grid\['dt_m'\] must be a non-empty list of values, got \[\]"),
+        ("{'grid': {'dt_m': 1.0}}", r"grid\['dt_m'\] must be a non-empty list of values, got 1.0"),
+        ("[1]", r"get_sweep\(\) must return a dict, got \[1\]"),
+        ("{'grid': {'dt_m': [1.0]}, 'overide': {}}", r"unknown sweep key overide \(did you mean"),
+        ("{'grid': {'framework': ['simko']}}", "unknown framework 'simko'; known: byol, mocov2"),
+    ],
+)
+def test_a_malformed_sweep_file_is_refused_in_one_line(sweep_text, message, tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=message) as raised:
+        sweep.load_sweep(_sweep_file(tmp_path, sweep_text))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_missing_sweep_file_is_named(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"nope.py is not a file \(looked in "):
+        sweep.load_sweep(str(tmp_path / "nope.py"))
+
+
+@pytest.mark.parametrize(
+    "spec, variant, message",
+    [
+        (
+            {"grid": {"batch_sise": [32]}},
+            "smoke",
+            r"^point batch_sise=32: unknown config key batch_sise \(did you mean batch_size\?\)",
+        ),
+        (
+            {"grid": {"batch_size": ["x"]}},
+            "smoke",
+            r"^point batch_size=x: batch_size must be an integer in \[1, 1048576\], got 'x'$",
+        ),
+        ({"grid": {"dt_m": [1.0, 1e39]}}, "smoke", r"^point dt_m=1e\+39: dt_m must be a finite"),
+        ({"grid": {"dt_m": [1.0]}, "tied": {"x": "dt_m"}}, "smoke", "unknown config key x"),
+        ({"grid": {"dt_m": [1.0]}}, "smok", "^point dt_m=1.0: unknown config variant 'smok'"),
+    ],
+)
+def test_every_points_config_is_checked(spec, variant, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        sweep.point_configs(spec, variant)
+
+
+def test_a_bad_point_stops_the_sweep_before_the_first_point_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("trained"))
+    root = tmp_path / "root"
+    base = framework_config("simco")
+    with pytest.raises(config_lib.ConfigError, match="point dt_m=0.0: dt_m must be"):
+        sweep.run_sweep(base, {"dt_m": [1.0, 0.0]}, str(root))
+    assert not root.exists()
+
+
+def test_a_period_in_a_sweep_replaces_the_bases_other_spelling():
+    spec = {"grid": {"log_every_epochs": [1.0]}, "overrides": {"checkpoint_every_epochs": 2.0}}
+    [(_, config)] = sweep.point_configs(spec, "smoke")
+    assert (config.log_every_steps, config.checkpoint_every_steps) == (None, None)
+
+
+def test_cli_refuses_an_unknown_variant_before_anything_runs(tmp_path):
+    """`--variant=smok` once ran the full 15-point grid: now one line, exit 2, nothing made."""
+    root = tmp_path / "root"
+    args = ["-m", "simco_jax.sweep", "--sweep=sweeps/batch_size.py", f"--workdir={root}"]
+    result = run_python([*args, "--variant=smok"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: point framework=mocov2,batch_size=64: unknown config variant 'smok'; known: "
+        "smoke, cifar10, cifar100 (comma-separated, e.g. :smoke,cifar10)"
+    )
+    assert not root.exists()
