@@ -544,12 +544,9 @@ def _cross_key_errors(c, num_devices):
             f"batch_size={batch} is not divisible by the {num_devices} devices; use a multiple "
             f"of {num_devices} (the batch is the global batch, split evenly over devices)"
         )
-    if c.dataset == "npz" and not c.data_path:
-        yield "dataset='npz' needs --config.data_path=/path/to/arrays.npz"
-    if c.dataset == "imagefolder" and not c.data_path:
-        yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
-    if c.dataset == "imagefolder" and c.input_mode == "resident":
-        yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
+    from simco_jax import sources  # noqa: PLC0415 - the data seam's table; no JAX
+
+    yield from sources.config_errors(c)
     yield from _method_and_period_errors(c)
 
 

@@ -360,7 +360,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         max_steps=config.linear_max_steps,
     )
     data = inputs.create(input_config, run.mesh, order_seed=config.seed)
-    evaluator = evaluate.Evaluator(
+    evaluator = evaluate.FeatureBackend(
         eval_config, run.comps.model, models.LinearProbe(data.num_classes), data, run.mesh
     )
     common = {

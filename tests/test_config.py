@@ -192,12 +192,12 @@ def _with(key, value):
     "key, value", [(k, v) for k, values in BAD_VALUES.items() for v in values], ids=repr
 )
 def test_every_bad_value_fails_in_validate_naming_its_key(key, value, tmp_path, monkeypatch):
-    from simco_jax import data, train
+    from simco_jax import sources, train
 
     def no_data(config):
         raise AssertionError("data was read before the config was checked")
 
-    monkeypatch.setattr(data, "load_dataset", no_data)
+    monkeypatch.setattr(sources, "load_dataset", no_data)
     workdir = tmp_path / "run"
     with pytest.raises(config_lib.ConfigError) as raised:
         train.train_and_evaluate(_with(key, value), str(workdir))

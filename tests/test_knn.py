@@ -64,21 +64,21 @@ def _sharded_vs_direct(k, dtype="float32"):
 
 
 def _evaluator_knn(eval_batch_size, bank_dtype="float32"):
-    """Evaluator.knn_accuracy of the smoke SimCo model at its initial state, and a NumPy
+    """FeatureBackend.knn_accuracy of the smoke SimCo model at its initial state, and a NumPy
     computation of the same number from the model's features of the whole sets at once."""
     import jax
     from helpers import framework_config
 
-    from simco_jax import data, evaluate, inputs, parallel, train_step
+    from simco_jax import evaluate, inputs, parallel, sources, train_step
 
     config = framework_config(
         "simco", eval_batch_size=eval_batch_size, knn_k=10, knn_bank_dtype=bank_dtype
     )
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     comps = train_step.build_components(config, dataset.num_classes, 8)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
     mesh = parallel.make_mesh()
-    evaluator = evaluate.Evaluator(
+    evaluator = evaluate.FeatureBackend(
         config, comps.model, comps.probe, inputs.create(config, mesh), mesh
     )
     ours = evaluator.knn_accuracy(state)
