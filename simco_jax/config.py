@@ -153,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.knn_bank_dtype = "float32"  # or 'bfloat16': half the memory of the sharded feature bank
+    # The kNN monitor's bank: a fixed subset of this many training images, drawn from the seed
+    # (at ImageNet scale, not every image each time); 0 = all. The offline kNN uses all.
+    c.knn_bank_size = 0
     c.eval_batch_size = 1024
 
     # Runtime.
@@ -307,9 +310,10 @@ def imagenet_overrides() -> dict:
 
 
 def imagenet_smoke_overrides() -> dict:
-    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU."""
+    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU. The
+    folder is generated (`sources`, 'generated_imagefolder') unless --config.data_path names one."""
     return dict(
-        dataset="imagefolder",
+        dataset="generated_imagefolder",
         backbone="resnet18",
         backbone_width=4,
         crop_size=32,
@@ -496,6 +500,7 @@ DOMAINS: dict[str, Domain] = {
     "knn_every_epochs": integer(0),
     "eval_batch_size": integer(1, 2**20),
     "knn_bank_dtype": one_of("float32", "bfloat16"),
+    "knn_bank_size": integer(0),
     # Runtime.
     "seed": integer(0, 2**31 - 1),
     "dtype": one_of(*_DTYPES),

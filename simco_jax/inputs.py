@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Independent random streams under the run's root key (train_step folds others from it).
 _DATA_STREAM = 0
+_KNN_BANK_STREAM = 2  # a NumPy stream under config.seed (streaming's are 0 and 1)
 
 
 class Inputs(NamedTuple):
@@ -45,7 +46,8 @@ class Inputs(NamedTuple):
     num_train: int
     train: Any  # ResidentTrain | StreamingTrain
     test: Any  # ResidentEval | StreamingEval: the test (or validation) split
-    train_eval: Any  # the training split with the evaluation transform (kNN monitor)
+    train_eval: Any  # the training split with the evaluation transform (offline kNN bank)
+    knn_bank: Any  # the kNN monitor's bank: `train_eval`, or its subset (`knn_bank_indices`)
     image_shape: tuple  # (H, W, C) the network's input is made from
     identity: str  # a fingerprint of the training set, for the checkpoint's record
 
@@ -84,6 +86,8 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
             )
         dataset = sources.load_dataset(config)
         batch = config.eval_batch_size
+        bank = knn_bank_indices(config, len(dataset.train_labels))
+        train_eval = ResidentEval(dataset.train_images, dataset.train_labels, batch, mesh)
         return Inputs(
             name=dataset.name,
             mode="resident",
@@ -91,7 +95,10 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
             num_train=len(dataset.train_labels),
             train=ResidentTrain(config, dataset, mesh),
             test=ResidentEval(dataset.test_images, dataset.test_labels, batch, mesh),
-            train_eval=ResidentEval(dataset.train_images, dataset.train_labels, batch, mesh),
+            train_eval=train_eval,
+            knn_bank=train_eval
+            if bank is None
+            else ResidentEval(dataset.train_images[bank], dataset.train_labels[bank], batch, mesh),
             image_shape=dataset.image_shape,
             identity=checkpointing.data_identity(dataset.train_images, dataset.train_labels),
         )
@@ -108,6 +115,9 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     def eval_source(split):
         return StreamingEval(split, config, eval_batch, mesh, threads)
 
+    bank = knn_bank_indices(config, len(train_split))
+    train_eval = eval_source(train_split)
+
     return Inputs(
         name=name,
         mode="streaming",
@@ -115,17 +125,32 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
         num_train=len(train_split),
         train=StreamingTrain(config, train_split, mesh, threads, seed=order_seed),
         test=eval_source(test_split),
-        train_eval=eval_source(train_split),
+        train_eval=train_eval,
+        knn_bank=train_eval if bank is None else eval_source(streaming.subset(train_split, bank)),
         image_shape=(config.crop_size, config.crop_size, 3),
         identity=_split_identity(train_split),
     )
 
 
+def knn_bank_indices(config, num_train: int) -> np.ndarray | None:
+    """The training examples of the kNN monitor's bank, sorted; None for all of them.
+
+    `config.knn_bank_size` examples drawn without replacement from `config.seed` (a stream of
+    its own): the same subset at every evaluation, on every process, after every resume.
+    """
+    size = config.get("knn_bank_size", 0)
+    if not size or size >= num_train:
+        return None
+    rng = np.random.default_rng([config.seed, _KNN_BANK_STREAM])
+    return np.sort(rng.choice(num_train, size, replace=False))
+
+
 def _split_identity(split: streaming.Split) -> str:
-    """Size and a CRC of the file list relative to the root (a moved folder stays the same), or
-    of the source's name where there are no files."""
-    names = [os.path.relpath(p, split.name) for p in split.paths] or [split.name]
-    crc = zlib.crc32("\n".join(names).encode())
+    """The split's own fingerprint (an image folder's: `streaming.folder_identity`), else its
+    size and a CRC of its name (a tfds split: its name and version say what it holds)."""
+    if split.identity:
+        return split.identity
+    crc = zlib.crc32(split.name.encode())
     return f"{len(split)} images, crc32 {crc:08x} of their names"
 
 

@@ -346,6 +346,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn_k=config.knn_k,
         knn_temperature=config.knn_temperature,
         eval_batch_size=config.eval_batch_size,
+        knn_bank_size=0,  # the offline kNN's bank is the whole training set
     )
     if config.eval_dataset is not None:
         eval_config.eval_dataset = config.eval_dataset

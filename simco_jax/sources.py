@@ -19,10 +19,15 @@ splits or arrays it opens). This module reads no JAX, so the config checks stay 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from simco_jax import data, streaming
 
@@ -117,6 +122,64 @@ def _open_image_folder(config, select) -> Splits:
     return Splits(os.path.basename(os.path.normpath(root)), train, test, len(classes))
 
 
+def _open_smoke_folder(config, select) -> Splits:
+    """`config.data_path`'s image folder, or when it is '' a tiny generated one."""
+    if config.data_path:
+        return _open_image_folder(config, select)
+    generated = config.copy_and_resolve_references()
+    generated.data_path = generated_image_folder(tuple(select or SMOKE_CLASSES))
+    return _open_image_folder(generated, select)._replace(name="generated_imagefolder")
+
+
+SMOKE_CLASSES = ("n00000000", "n00000001", "n00000002", "n00000003")
+_SMOKE_VERSION = 1  # part of the cache key: bump it when the generated images change
+
+
+def cache_dir() -> str:
+    """The user's cache directory for what this package generates ($XDG_CACHE_HOME, ~/.cache)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "simco_jax")
+
+
+def generated_image_folder(classes: tuple[str, ...], train: int = 96, val: int = 32) -> str:
+    """ROOT/{train,val}/<class>/*.JPEG of about `train` and `val` images over `classes` (at least
+    one per class): a colour per class plus noise, 40-64 px JPEGs, the same bytes on every call.
+    Written once per class list into the cache (atomically: concurrent processes agree) and
+    reused; returns ROOT. Nothing is downloaded."""
+    recipe = "\n".join([str(_SMOKE_VERSION), str(train), str(val), *classes])
+    key = hashlib.sha256(recipe.encode()).hexdigest()
+    root = os.path.join(cache_dir(), "generated_imagefolder", key[:16])
+    if os.path.isdir(root):
+        return root
+    from PIL import Image
+
+    parent = os.path.dirname(root)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=".staging-")
+    except OSError as error:
+        raise data.DataError(
+            f"cannot write the generated image folder in {parent!r} ({error.strerror}); set "
+            f"XDG_CACHE_HOME to a writable directory or pass --config.data_path=ROOT."
+        ) from None
+    rng = np.random.default_rng(0)
+    for split, total in (("train", train), ("val", val)):
+        per_class = max(1, -(-total // len(classes)))
+        for label, name in enumerate(classes):
+            os.makedirs(os.path.join(staging, split, name))
+            base = np.array([(70 * label) % 256, 255 - (40 * label) % 256, 128], np.float64)
+            for i in range(per_class):
+                height, width = rng.integers(40, 65, size=2)
+                pixels = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255)
+                path = os.path.join(staging, split, name, f"{name}_{i:04d}.JPEG")
+                Image.fromarray(pixels.astype(np.uint8)).save(path, "JPEG", quality=90)
+    try:
+        os.rename(staging, root)
+    except OSError:  # another process finished first: its folder holds the same bytes
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
 def _open_tfds(config, select) -> Splits:
     """`config.eval_dataset` names another tfds dataset whose `validation` (else `test`) split is
     the test split, its labels mapped by ClassLabel name to the training dataset's."""
@@ -166,6 +229,10 @@ TFDS = Source(
 )
 register("synthetic", Source(load=data.synthetic_dataset))
 register("npz", Source(load=data.load_npz, data_path="/path/to/arrays.npz"))
+register(
+    "generated_imagefolder",  # the ImageNet configs' smoke variant: runs with no data
+    Source(open=_open_smoke_folder, class_names=True),
+)
 register(
     "imagefolder",
     Source(

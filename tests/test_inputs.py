@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import REPO, framework_config
+from helpers import REPO, framework_config, run_python
 
 from simco_jax import config as config_lib
 from simco_jax import inputs, parallel, sources, streaming, train, writers
@@ -122,3 +122,50 @@ def test_the_package_imports_form_no_cycle():
 
     assert not sorted(m for m in graph if reaches(m, m, {m}))
     assert "train_step" not in _imports(f"{package}/inputs.py")  # the input side is below it
+
+
+# ---------------------------------------------------------------------------------------------
+# The kNN monitor's bank: a fixed, seeded subset of the training set.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_knn_bank_is_a_fixed_seeded_subset_of_the_configured_size():
+    config = framework_config("simco", knn_bank_size=100)
+    bank = inputs.knn_bank_indices(config, 1000)
+    assert len(bank) == len(set(bank.tolist())) == 100 and list(bank) == sorted(bank)
+    assert 0 <= bank.min() and bank.max() < 1000
+    np.testing.assert_array_equal(bank, inputs.knn_bank_indices(config, 1000))  # every call
+    # Every process draws it alone: a fresh interpreter draws the same rows.
+    script = (
+        "import sys; from helpers import framework_config; from simco_jax import inputs; "
+        "print(inputs.knn_bank_indices(framework_config('simco', knn_bank_size=100), 1000)"
+        ".tolist())"
+    )
+    result = run_python(["-c", script], env_extra={"PYTHONPATH": os.path.join(REPO, "tests")})
+    assert ast.literal_eval(result.stdout.strip().splitlines()[-1]) == bank.tolist()
+    other = inputs.knn_bank_indices(framework_config("simco", knn_bank_size=100, seed=16), 1000)
+    assert not np.array_equal(bank, other)  # drawn from the seed
+    for size in (0, 1000, 5000):  # 0 or not smaller than the set: the whole set
+        assert inputs.knn_bank_indices(framework_config("simco", knn_bank_size=size), 1000) is None
+
+
+def test_the_knn_bank_source_holds_the_subset_resident_and_streamed(toy):
+    mesh = parallel.make_mesh()
+    resident = inputs.create(framework_config("simco", knn_bank_size=40), mesh)
+    bank = inputs.knn_bank_indices(framework_config("simco", knn_bank_size=40), 256)
+    dataset = sources.load_dataset(framework_config("simco"))
+    assert resident.knn_bank.num_examples == 40 and resident.train_eval.num_examples == 256
+    np.testing.assert_array_equal(
+        np.asarray(resident.knn_bank.labels)[:40], dataset.train_labels[bank]
+    )
+    streamed = inputs.create(_toy_config(knn_bank_size=40), mesh)
+    try:
+        assert streamed.knn_bank.num_examples == 40 and streamed.train_eval.num_examples == 96
+        labels = np.concatenate([np.asarray(b[1]) for b in streamed.knn_bank.batches()])
+        expected = _toy_arrays(96, 15)[1][
+            inputs.knn_bank_indices(_toy_config(knn_bank_size=40), 96)
+        ]
+        np.testing.assert_array_equal(labels[:40], expected)
+        assert (labels[40:] == -1).all()  # padding
+    finally:
+        streamed.close()
