@@ -11,7 +11,9 @@ The official SimCo repository publishes no ImageNet recipe. The three frameworks
 200 epochs, key momentum 0.999, projector 2048→2048→128; RandomResizedCrop scale (0.2, 1), colour
 jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale p 0.2, Gaussian blur σ ~ U(0.1, 2) p 0.5, flip; ImageNet
 mean/std) and differ only in the five keys of `FRAMEWORKS`; SimCo and SimMoCo keep their CIFAR τα
-and dt_m. No result is published for this setting.
+and dt_m. No result is published for this setting. The kNN monitor (every 10 epochs) compares with
+a fixed, seeded subset of about 100 training images per class (`knn_bank_size`), not with all
+1.28 M; the offline kNN evaluation uses them all.
 
 * simco: no momentum encoder, in-batch negatives, dual temperature (τα = 0.1, dt_m = 10),
   symmetric loss;
@@ -57,4 +59,7 @@ def get_config(arg=None, framework="simco"):
     config = config_lib.base_config()
     config.update(config_lib.imagenet_overrides())
     config.update(FRAMEWORKS[framework])
-    return config_lib.apply_imagenet_variant(config, ",".join(rest), IMAGENET100)
+    config = config_lib.apply_imagenet_variant(config, ",".join(rest), IMAGENET100)
+    classes = 100 if config.class_list else 1000
+    config.knn_bank_size = 100 * classes  # the monitor's bank; the smoke folder's is smaller
+    return config

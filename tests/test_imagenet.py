@@ -58,6 +58,9 @@ def test_imagenet_recipe_is_moco_v2s():
     assert c.cifar_stem is False and c.scale_lr is True
     assert (c.batch_size, c.lr, c.momentum, c.weight_decay) == (256, 0.03, 0.9, 1e-4)
     assert (c.max_epochs, c.warmup_epochs, c.min_lr) == (200, 0, 0.0)
+    # The kNN monitor stays on at this scale: a bank of ~100 images per class, not all of them.
+    assert (c.knn_every_epochs, c.knn_bank_size) == (10, 100_000)
+    assert imagenet_config("simco", "imagenet100").knn_bank_size == 10_000
     assert (c.queue_size, c.base_tau_momentum, c.final_tau_momentum) == (65536, 0.999, 0.999)
     assert (c.proj_hidden_dim, c.proj_output_dim) == (2048, 128)
     aug = augment.AugmentParams.from_config(c)
