@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, imagenet2012, ...),
     # 'npz' (arrays in `data_path`), 'imagefolder' (torchvision's layout: `data_path`/train/<class>/
-    # and `data_path`/val/<class>/) or 'synthetic' (generated, learnable; for smoke runs and tests).
+    # and `data_path`/val/<class>/) or 'synthetic' (generated, learnable; for smoke runs and tests);
+    # every source and what it needs: simco_jax/sources.py.
     c.dataset = "cifar100"
     c.data_path = ""
     # 'resident': the whole train set on every device; 'streaming': each host decodes and crops

@@ -6,11 +6,13 @@ A source is an entry of `SOURCES` (any name not in it is a tfds dataset, `TFDS`)
   source cannot be resident);
 * `open(config, select) -> Splits`: the streamed training and test splits (None: the resident
   arrays, streamed from memory); `select` is the class names of `config.class_list`, or None;
-* `data_path`: what `--config.data_path` must name ('' = the source does not read it);
+* `data_path`: what `--config.data_path` must name ('' = it needs none);
 * `auto_mode(config)`: the input mode 'auto' picks (default: resident when it can load);
 * `class_names`: whether its labels have names that `config.class_list` can select;
 * `tfds`: a tfds dataset, whose test split `config.eval_dataset` can replace.
 
+Built in: 'synthetic', 'npz', 'imagefolder', 'generated_imagefolder' (an image folder generated
+once into the user's cache, or `data_path`'s when set: the ImageNet smoke runs need no data).
 Adding a source is one `register(name, Source(...))` with its open or load function. Which
 modules ask: `config` (what a source needs, before anything is read), `inputs` (the mode, and the
 splits or arrays it opens). This module reads no JAX, so the config checks stay light.

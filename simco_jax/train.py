@@ -232,7 +232,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         total_steps=total_steps,
         start_step=start_step,
         steps_per_epoch=steps_per_epoch,
-        num_train=data.num_train,
+        num_train=data.knn_bank.num_examples,  # the training images a kNN evaluation encodes
         num_test=data.test.num_examples,
         enabled=main,
     )
