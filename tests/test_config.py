@@ -164,6 +164,7 @@ BAD_VALUES = {
     "knn_every_epochs": [-1],
     "eval_batch_size": [0],
     "knn_bank_dtype": ["float16"],
+    "knn_bank_size": [-1, 2.5],
     "seed": [-1, 2**40],
     "dtype": ["float16"],
     "steps_per_dispatch": [0],
