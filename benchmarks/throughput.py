@@ -43,7 +43,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from simco_jax import cli, parallel, train_step  # noqa: E402
+from simco_jax import cli, inputs, parallel, train_step  # noqa: E402
 from simco_jax import config as config_lib  # noqa: E402
 
 # Dense peak FLOP/s per chip (vendor datasheets, no sparsity). 'float32' is what float32 matmuls
@@ -277,7 +277,13 @@ def build_full_step(config, images, labels, mesh) -> Runner:
             comps,
             train_step.make_train_step(config, comps),
             chunk_size=train_step.steps_per_dispatch(config),
-            batch_sharding=parallel.batch_sharded(mesh),
+            select=lambda state, data, i: inputs.gather_batch(
+                state,
+                data,
+                steps_per_epoch=steps_per_epoch,
+                batch=config.batch_size,
+                batch_sharding=parallel.batch_sharded(mesh),
+            ),
         ),
         in_shardings=(replicated, replicated, None),
         out_shardings=(replicated, replicated),

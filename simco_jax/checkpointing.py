@@ -51,6 +51,7 @@ RESUMABLE_KEYS = frozenset(
         "knn_every_epochs",
         "knn_k",
         "knn_temperature",
+        "knn_bank_size",  # which training images the kNN monitor compares with
         "eval_batch_size",
         "steps_per_dispatch",  # execution only: the same steps, fused differently
         "dtype",  # 'auto' resolves per backend: a run may move between CPU and accelerators

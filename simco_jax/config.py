@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Data. `dataset`: a tfds name (cifar10, cifar100, svhn_cropped, stl10, imagenet2012, ...),
     # 'npz' (arrays in `data_path`), 'imagefolder' (torchvision's layout: `data_path`/train/<class>/
-    # and `data_path`/val/<class>/) or 'synthetic' (generated, learnable; for smoke runs and tests).
+    # and `data_path`/val/<class>/) or 'synthetic' (generated, learnable; for smoke runs and tests);
+    # every source and what it needs: simco_jax/sources.py.
     c.dataset = "cifar100"
     c.data_path = ""
     # 'resident': the whole train set on every device; 'streaming': each host decodes and crops
@@ -176,6 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.knn_bank_dtype = "float32"  # or 'bfloat16': half the memory of the sharded feature bank
+    # The kNN monitor's bank: a fixed subset of this many training images, drawn from the seed
+    # (at ImageNet scale, not every image each time); 0 = all. The offline kNN uses all.
+    c.knn_bank_size = 0
     c.eval_batch_size = 1024
 
     # Runtime.
@@ -317,9 +321,10 @@ def imagenet_overrides() -> dict:
 
 
 def imagenet_smoke_overrides() -> dict:
-    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU."""
+    """A tiny network with the ImageNet stem on a small image folder: seconds on a CPU. The
+    folder is generated (`sources`, 'generated_imagefolder') unless --config.data_path names one."""
     return dict(
-        dataset="imagefolder",
+        dataset="generated_imagefolder",
         backbone="resnet18",
         backbone_width=4,
         crop_size=32,
@@ -401,12 +406,9 @@ def prefer_given_periods(config, given: set[str]) -> None:
 
 
 def _data_checks(c, num_devices):
-    if c.dataset == "npz" and not c.data_path:
-        yield "dataset='npz' needs --config.data_path=/path/to/arrays.npz"
-    if c.dataset == "imagefolder" and not c.data_path:
-        yield "dataset='imagefolder' needs --config.data_path=ROOT (ROOT/train/<class>/*.JPEG)"
-    if c.dataset == "imagefolder" and c.input_mode == "resident":
-        yield "dataset='imagefolder' streams from disk; use input_mode='auto' or 'streaming'"
+    from simco_jax import sources  # noqa: PLC0415 - the data seam's table of sources; no JAX
+
+    yield from sources.config_errors(c)
 
 
 DATA = Seam(
@@ -616,6 +618,7 @@ EVALUATION = Seam(
         "knn_temperature": real(0.012, 100.0),
         "eval_batch_size": integer(1, 2**20),
         "knn_bank_dtype": one_of("float32", "bfloat16"),
+        "knn_bank_size": integer(0),  # 0 = the whole training set
     },
     _evaluation_checks,
 )

@@ -4,7 +4,7 @@ The trainer puts the training images on the device as uint8 and shuffles, batche
 there, so this module only has to deliver four arrays and a class count, and to reject anything
 the trainer cannot use with a message that says how to fix it.
 
-``config.dataset`` picks the source:
+``config.dataset`` picks the source (the table of sources is `sources`):
 
 * ``'synthetic'``: generated from ``config.seed``; learnable (each class is a fixed colour and
   coarse pattern plus noise), for smoke runs and tests. Downloads nothing.
@@ -78,15 +78,6 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
-
-
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """Loads the dataset named by ``config.dataset`` (see the module docstring)."""
-    if config.dataset == "synthetic":
-        return synthetic_dataset(config)
-    if config.dataset == "npz":
-        return load_npz(config)
-    return load_tfds(config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,14 +110,16 @@ def _no_report(done: int, total: int) -> None:
     """The default progress hook of the evaluations: nothing to show."""
 
 
-class Evaluator:
-    """The jitted evaluation functions, built once per run, over the evaluation sources of
-    `inputs` (`data.test`, `data.train_eval`: resident arrays or streams, padded with label −1)."""
+class FeatureBackend:
+    """What the evaluators share: the jitted feature, probe and kNN functions, built once per
+    run over the evaluation sources of `inputs` (`data.test`, and `data.knn_bank` as the kNN's
+    training bank: resident arrays or streams, padded with label −1). Not an evaluator itself
+    (those are `EVALUATORS`)."""
 
     def __init__(self, config, model, probe, data, mesh):
         self.config, self.model, self.probe = config, model, probe
         self.num_classes = data.num_classes
-        self.test, self.train = data.test, data.train_eval
+        self.test, self.train = data.test, data.knn_bank
         self.batch = self.test.batch_size
         self.mesh = mesh
         aug = augment.AugmentParams.from_config(config)
@@ -295,7 +297,7 @@ class Context(NamedTuple):
     comps: Any  # train_step.Components: model, probe, method ...
     inputs: Any  # inputs.Inputs: the run's training input and evaluation sources
     mesh: Any
-    data: Evaluator  # the evaluation sources and the jitted feature function
+    data: FeatureBackend  # the evaluation sources and the jitted feature function
 
 
 class ProbeEvaluator:

@@ -5,8 +5,9 @@ of two modes (`config.input_mode`; 'auto' picks by the dataset's size):
 
 * **resident** (CIFAR, STL-10, SVHN, npz, synthetic): the whole training set lives replicated on
   every device as uint8; the jitted step gathers its batch by index from the epoch's order
-  (`train_step.epoch_batch_indices`) and augments it, crop included, on the device.
-* **streaming** (an image folder, ImageNet through tfds, anything over RESIDENT_MAX_BYTES): each
+  (`gather_batch`) and augments it, crop included, on the device.
+* **streaming** (an image folder, ImageNet through tfds, anything over
+  `sources.RESIDENT_MAX_BYTES`): each
   process decodes and crops its own share of every global batch on the host (`streaming`), and
   the global batch is assembled from the processes' shares with
   `jax.make_array_from_process_local_data`; the device does the rest of the augmentation.
@@ -15,13 +16,13 @@ The training input's interface is what the train loop uses: `batches(step)` give
 of the chunk starting at `step`, `select(state, data, i)` (traced inside the jitted chunk) the
 images and labels of its i-th step, `position(step)` what the checkpoint records about the stream.
 An evaluation source's `batches()` yields (images, labels, start): the eval batch is
-`dynamic_slice(images, start, batch)`.
+`dynamic_slice(images, start, batch)`. Which sources exist, and what each can do, is the table
+in `sources`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zlib
 from typing import Any, NamedTuple
@@ -29,14 +30,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from simco_jax import checkpointing, data, parallel, streaming, train_step
+from simco_jax import checkpointing, data, parallel, sources, streaming
 
 log = logging.getLogger(__name__)
 
-# 'auto' streams a dataset whose decoded training images exceed this (each device holds a copy
-# in resident mode), and any dataset whose images differ in size.
-RESIDENT_MAX_BYTES = 2 * 2**30
-_NOT_TFDS = ("imagefolder", "synthetic", "npz")
+# Independent random streams under the run's root key (train_step folds others from it).
+_DATA_STREAM = 0
+_KNN_BANK_STREAM = 2  # a NumPy stream under config.seed (streaming's are 0 and 1)
 
 
 class Inputs(NamedTuple):
@@ -46,7 +46,8 @@ class Inputs(NamedTuple):
     num_train: int
     train: Any  # ResidentTrain | StreamingTrain
     test: Any  # ResidentEval | StreamingEval: the test (or validation) split
-    train_eval: Any  # the training split with the evaluation transform (kNN monitor)
+    train_eval: Any  # the training split with the evaluation transform (offline kNN bank)
+    knn_bank: Any  # the kNN monitor's bank: `train_eval`, or its subset (`knn_bank_indices`)
     image_shape: tuple  # (H, W, C) the network's input is made from
     identity: str  # a fingerprint of the training set, for the checkpoint's record
 
@@ -55,29 +56,10 @@ class Inputs(NamedTuple):
 
 
 def resolve_mode(config) -> str:
-    """'resident' or 'streaming': `config.input_mode`, or by the dataset's size when 'auto'."""
+    """'resident' or 'streaming': `config.input_mode`, or what the source picks when 'auto'."""
     if config.input_mode != "auto":
         return config.input_mode
-    if config.dataset == "imagefolder":
-        return "streaming"
-    if config.dataset in ("synthetic", "npz"):
-        return "resident"
-    return "streaming" if _tfds_is_large(config) else "resident"
-
-
-def _tfds_is_large(config) -> bool:
-    """Whether a tfds dataset's images vary in size or exceed RESIDENT_MAX_BYTES decoded."""
-    try:
-        import tensorflow_datasets as tfds
-
-        info = tfds.builder(config.dataset, data_dir=config.data_dir or None).info
-        shape = info.features["image"].shape
-        if None in shape:
-            return True
-        examples = info.splits["train"].num_examples if "train" in info.splits else 0
-        return examples * math.prod(shape) > RESIDENT_MAX_BYTES
-    except Exception:  # noqa: BLE001 - unknown or unprepared: data.load_tfds says what is wrong
-        return False
+    return sources.get(config.dataset).mode(config)
 
 
 def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
@@ -85,8 +67,9 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     anything compiles. `order_seed`: the seed of a streamed order and crops (default
     `config.seed`; the resident order comes from the train state's key)."""
     mode = resolve_mode(config)
-    if config.eval_dataset and (mode == "resident" or config.dataset in _NOT_TFDS):
-        what = "is not a tfds dataset" if config.dataset in _NOT_TFDS else "is loaded resident"
+    is_tfds = sources.get(config.dataset).tfds
+    if config.eval_dataset and (mode == "resident" or not is_tfds):
+        what = "is loaded resident" if is_tfds else "is not a tfds dataset"
         raise data.DataError(
             f"config.eval_dataset={config.eval_dataset!r} replaces the test split of a streamed "
             f"tfds dataset only, and dataset={config.dataset!r} {what} here: set "
@@ -101,8 +84,10 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
                 f"dataset's ClassLabel names): set class_list='', or for a tfds dataset "
                 f"--config.input_mode=streaming."
             )
-        dataset = data.load_dataset(config)
+        dataset = sources.load_dataset(config)
         batch = config.eval_batch_size
+        bank = knn_bank_indices(config, len(dataset.train_labels))
+        train_eval = ResidentEval(dataset.train_images, dataset.train_labels, batch, mesh)
         return Inputs(
             name=dataset.name,
             mode="resident",
@@ -110,7 +95,10 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
             num_train=len(dataset.train_labels),
             train=ResidentTrain(config, dataset, mesh),
             test=ResidentEval(dataset.test_images, dataset.test_labels, batch, mesh),
-            train_eval=ResidentEval(dataset.train_images, dataset.train_labels, batch, mesh),
+            train_eval=train_eval,
+            knn_bank=train_eval
+            if bank is None
+            else ResidentEval(dataset.train_images[bank], dataset.train_labels[bank], batch, mesh),
             image_shape=dataset.image_shape,
             identity=checkpointing.data_identity(dataset.train_images, dataset.train_labels),
         )
@@ -127,6 +115,9 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
     def eval_source(split):
         return StreamingEval(split, config, eval_batch, mesh, threads)
 
+    bank = knn_bank_indices(config, len(train_split))
+    train_eval = eval_source(train_split)
+
     return Inputs(
         name=name,
         mode="streaming",
@@ -134,17 +125,32 @@ def create(config, mesh, *, order_seed: int | None = None) -> Inputs:
         num_train=len(train_split),
         train=StreamingTrain(config, train_split, mesh, threads, seed=order_seed),
         test=eval_source(test_split),
-        train_eval=eval_source(train_split),
+        train_eval=train_eval,
+        knn_bank=train_eval if bank is None else eval_source(streaming.subset(train_split, bank)),
         image_shape=(config.crop_size, config.crop_size, 3),
         identity=_split_identity(train_split),
     )
 
 
+def knn_bank_indices(config, num_train: int) -> np.ndarray | None:
+    """The training examples of the kNN monitor's bank, sorted; None for all of them.
+
+    `config.knn_bank_size` examples drawn without replacement from `config.seed` (a stream of
+    its own): the same subset at every evaluation, on every process, after every resume.
+    """
+    size = config.get("knn_bank_size", 0)
+    if not size or size >= num_train:
+        return None
+    rng = np.random.default_rng([config.seed, _KNN_BANK_STREAM])
+    return np.sort(rng.choice(num_train, size, replace=False))
+
+
 def _split_identity(split: streaming.Split) -> str:
-    """Size and a CRC of the file list relative to the root (a moved folder stays the same), or
-    of the source's name where there are no files."""
-    names = [os.path.relpath(p, split.name) for p in split.paths] or [split.name]
-    crc = zlib.crc32("\n".join(names).encode())
+    """The split's own fingerprint (an image folder's: `streaming.folder_identity`), else its
+    size and a CRC of its name (a tfds split: its name and version say what it holds)."""
+    if split.identity:
+        return split.identity
+    crc = zlib.crc32(split.name.encode())
     return f"{len(split)} images, crc32 {crc:08x} of their names"
 
 
@@ -161,8 +167,8 @@ def read_class_list(path: str) -> list[str]:
     return names
 
 
-def open_splits(config):
-    """(name, train split, test split, num_classes) of a streamed dataset.
+def open_splits(config) -> sources.Splits:
+    """(name, train split, test split, num_classes) of a streamed dataset, from its source.
 
     `config.class_list` selects classes of an image folder (class folders) or of a tfds dataset
     (ClassLabel names, e.g. imagenet2012's WordNet IDs), labelled in sorted name order either way.
@@ -171,44 +177,7 @@ def open_splits(config):
     imagenet_a, imagenet_r name theirs as imagenet2012 does).
     """
     select = read_class_list(config.class_list) if config.class_list else None
-    if config.dataset == "imagefolder":
-        root = os.path.expanduser(config.data_path)
-        train, classes = streaming.image_folder_split(os.path.join(root, "train"), select=select)
-        test, _ = streaming.image_folder_split(os.path.join(root, "val"), classes, select=select)
-        return os.path.basename(os.path.normpath(root)), train, test, len(classes)
-    if config.dataset in ("synthetic", "npz"):  # resident data, streamed on request
-        if select:  # refused before any data is read: no silent use of every class
-            raise data.DataError(
-                f"config.class_list selects classes of an image folder or a tfds dataset; "
-                f"dataset={config.dataset!r} has no class names: set class_list=''."
-            )
-        dataset = data.load_dataset(config)
-        train = streaming.array_split("train", dataset.train_images, dataset.train_labels)
-        test = streaming.array_split("test", dataset.test_images, dataset.test_labels)
-        return dataset.name, train, test, dataset.num_classes
-    data_dir = config.data_dir or None
-    builder = streaming.open_tfds(config.dataset, data_dir)
-    splits = builder.info.splits
-    eval_name = config.eval_dataset or config.dataset
-    eval_builder = streaming.open_tfds(eval_name, data_dir) if config.eval_dataset else builder
-    eval_split = next((s for s in ("validation", "test") if s in eval_builder.info.splits), None)
-    if "train" not in splits or eval_split is None:
-        named = {config.dataset: builder, eval_name: eval_builder}
-        has = ", ".join(f"{n!r} has splits {sorted(b.info.splits)}" for n, b in named.items())
-        raise data.DataError(
-            f"tfds dataset {has}; streaming needs 'train' and 'validation' or 'test' (of "
-            f"config.eval_dataset when it is set)."
-        )
-    train = streaming.tfds_split(config.dataset, "train", data_dir, select=select)
-    names = builder.info.features["label"].names if config.eval_dataset else None
-    test = streaming.tfds_split(eval_name, eval_split, data_dir, select=select, label_names=names)
-    if not len(test):
-        raise data.DataError(
-            f"{test.name} has no records of the classes of config.class_list="
-            f"{config.class_list!r}: there is nothing to evaluate."
-        )
-    num_classes = len(select) if select else builder.info.features["label"].num_classes
-    return config.dataset, train, test, num_classes
+    return sources.open_splits(config, select)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +209,7 @@ class ResidentTrain:
 
     def select(self, state, data, i):
         del i  # the step's rows follow from state.step
-        return train_step.gather_batch(
+        return gather_batch(
             state,
             data,
             steps_per_epoch=self.steps_per_epoch,
@@ -269,6 +238,30 @@ class ResidentEval:
     def batches(self):
         for start in range(0, self.images.shape[0], self.batch_size):
             yield self.images, self.labels, np.int32(start)
+
+
+def epoch_batch_indices(rng, epoch, num_examples: int, steps_per_epoch: int, batch_size: int):
+    """The epoch's shuffled order from the run's root key, as (steps_per_epoch, batch) indices.
+
+    The tail that does not fill a batch is dropped, as the official DataLoader(drop_last=True).
+    """
+    data_rng = jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch)
+    order = jax.random.permutation(data_rng, num_examples)
+    return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+
+
+def gather_batch(state, data, *, steps_per_epoch: int, batch: int, batch_sharding=None):
+    """The resident step's batch: rows of the on-device training set `data` = (images, labels)
+    at this step's slot of its epoch's order (`epoch_batch_indices`); `state` is the train
+    state (its `step` and root key `rng`)."""
+    images, labels = data
+    epoch = state.step // steps_per_epoch
+    indices = epoch_batch_indices(state.rng, epoch, images.shape[0], steps_per_epoch, batch)[
+        state.step % steps_per_epoch
+    ]
+    if batch_sharding is not None:
+        indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
+    return images[indices], labels[indices]
 
 
 def _pad_to_multiple(array: np.ndarray, multiple: int, fill=0) -> np.ndarray:

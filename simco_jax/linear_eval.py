@@ -358,6 +358,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         knn_k=config.knn_k,
         knn_temperature=config.knn_temperature,
         eval_batch_size=config.eval_batch_size,
+        knn_bank_size=0,  # the offline kNN's bank is the whole training set
     )
     if config.eval_dataset is not None:
         eval_config.eval_dataset = config.eval_dataset
@@ -372,7 +373,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         max_steps=config.linear_max_steps,
     )
     data = inputs.create(input_config, run.mesh, order_seed=config.seed)
-    evaluator = evaluate.Evaluator(
+    evaluator = evaluate.FeatureBackend(
         eval_config, run.comps.model, models.LinearProbe(data.num_classes), data, run.mesh
     )
     common = {

@@ -22,6 +22,7 @@ classes, or in-memory arrays (a resident dataset forced to stream, for tests and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -29,8 +30,10 @@ import logging
 import math
 import os
 import queue
+import stat
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -65,6 +68,7 @@ class Split:
     load: Callable[[int], tuple[Image.Image, int]]
     describe: Callable[[int], str]  # example i for messages (its path)
     paths: tuple[str, ...] = ()  # the image folder's files, in index order
+    identity: str = ""  # the fingerprint resuming compares ('' = the name's, see `inputs`)
 
     def __len__(self) -> int:
         return self.size
@@ -74,23 +78,94 @@ def decode_rgb(file) -> Image.Image:
     """Decodes any PIL-readable image (CMYK/grayscale JPEG, a PNG named .JPEG) to RGB.
 
     As torchvision's `pil_loader`: `Image.open(f).convert("RGB")`; the format comes from the
-    bytes, not the file name. Raises OSError/ValueError/SyntaxError for unreadable data,
-    truncated files included (PIL's LOAD_TRUNCATED_IMAGES stays False).
+    bytes, not the file name. A path is opened as `open_regular` does. Raises OSError/ValueError/
+    SyntaxError for unreadable data, truncated files included (PIL's LOAD_TRUNCATED_IMAGES stays
+    False).
     """
+    if isinstance(file, str):
+        with open_regular(file) as f:
+            return decode_rgb(f)
     with Image.open(file) as image:
         return image.convert("RGB")
+
+
+def open_regular(path: str):
+    """`path` opened for binary reading if it is a regular file, else OSError, without blocking.
+
+    The open is non-blocking, so a FIFO put where an image was (no writer: an ordinary open
+    would wait forever) or a device is refused at once rather than read or waited on.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _list_class_folder(directory: str) -> list[str]:
-    """Image files under `directory`, recursively, in torchvision's make_dataset order."""
-    paths = []
-    for root, _, names in sorted(os.walk(directory, followlinks=True)):
-        paths.extend(os.path.join(root, n) for n in sorted(names) if _is_image(n))
-    return paths
+def _dir_key(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _list_class_folder(directory: str, seen_dirs: set, skipped: list) -> list[tuple[str, int]]:
+    """(path, size) of the image files under `directory`, recursively, in torchvision's
+    make_dataset order (os.walk with links followed, names sorted), each read from disk once.
+
+    A directory reached a second time (a link cycle, or two links to one directory: the same
+    device and inode) is not entered again, and an entry with an image name that is not a
+    regular file (a FIFO, socket, device, broken link) is left out; both go to `skipped` as
+    (path, why). Only stat calls: nothing here opens a file.
+    """
+    found = []  # (directory, its files); torchvision sorts os.walk's triples by directory
+
+    def walk(path):
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as error:
+            skipped.append((path, error.strerror or str(error)))
+            return
+        subdirs, files = [], []
+        found.append((path, files))
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    subdirs.append(entry)
+                elif _is_image(entry.name):
+                    info = entry.stat()  # follows a link: the kind and size of its target
+                    if stat.S_ISREG(info.st_mode):
+                        files.append((entry.path, info.st_size))
+                    else:
+                        skipped.append((entry.path, "not a regular file"))
+            except OSError as error:  # a broken link, a link loop, a vanished file
+                if _is_image(entry.name):
+                    skipped.append((entry.path, error.strerror or str(error)))
+        for entry in subdirs:
+            try:
+                info = entry.stat()
+            except OSError as error:
+                skipped.append((entry.path, error.strerror or str(error)))
+                continue
+            key = (info.st_dev, info.st_ino)
+            if key in seen_dirs:
+                skipped.append(
+                    (entry.path, "a directory already read (a link cycle or a 2nd link)")
+                )
+                continue
+            seen_dirs.add(key)
+            walk(entry.path)
+
+    seen_dirs.add(_dir_key(directory))
+    walk(directory)
+    return [file for _, files in sorted(found, key=lambda d: d[0]) for file in files]
 
 
 def image_folder_split(
@@ -129,23 +204,69 @@ def image_folder_split(
             f"{extra[:_SHOW_FILES]}{' ...' if len(extra) > _SHOW_FILES else ''}; both splits need "
             f"the same class folders (labels are their sorted order)."
         )
-    paths, labels = [], []
+    files, labels, skipped = [], [], []
+    # The split, the directories above it and its class folders are read as themselves only:
+    # a link to one is skipped (a link to an ancestor is a cycle).
+    ancestors, path = [], os.path.realpath(directory)
+    while path not in ancestors:
+        ancestors.append(path)
+        path = os.path.dirname(path)
+    class_dirs = [os.path.join(directory, name) for name in found]
+    seen_dirs = {_dir_key(p) for p in ancestors + class_dirs}
     for label, name in enumerate(found):
-        files = _list_class_folder(os.path.join(directory, name))
-        if not files:
+        listed = _list_class_folder(os.path.join(directory, name), seen_dirs, skipped)
+        if not listed:
             raise data.DataError(
                 f"class folder {os.path.join(directory, name)!r} holds no images (extensions "
                 f"{', '.join(IMG_EXTENSIONS)}); remove it or add its images."
             )
-        paths.extend(files)
-        labels.extend([label] * len(files))
+        files.extend(listed)
+        labels.extend([label] * len(listed))
+    if skipped:
+        log.warning(
+            "%s: %d entries skipped, each read at most once and only regular image files read: "
+            "%s%s",
+            directory,
+            len(skipped),
+            "; ".join(f"{p} ({why})" for p, why in skipped[:_SHOW_FILES]),
+            " ..." if len(skipped) > _SHOW_FILES else "",
+        )
+    paths = tuple(p for p, _ in files)
     labels = np.asarray(labels, np.int32)
 
     def load(i):
         return decode_rgb(paths[i]), int(labels[i])
 
-    split = Split(directory, len(paths), load, lambda i: paths[i], paths=tuple(paths))
+    identity = folder_identity(directory, files)
+    split = Split(directory, len(paths), load, lambda i: paths[i], paths=paths, identity=identity)
     return split, found
+
+
+def folder_identity(directory: str, files: list[tuple[str, int]], sample: int = 32) -> str:
+    """The training folder's fingerprint in the checkpoint record: what resuming compares.
+
+    It covers the count, the file names relative to `directory` (a moved or copied folder stays
+    the same), every file's size, and every byte of `sample` files at evenly spaced places. So it
+    catches an added, removed, renamed or relabelled (moved between classes) image, any image
+    whose size changed (re-encoded, resized, truncated, replaced by another picture), and any
+    change to a sampled file; it misses a same-size edit of a file outside the sample.
+    Modification times are left out on purpose: a copy without them (`cp -r`) is the same data.
+    Costs one stat per file (taken while listing) and reading `sample` files.
+    """
+    names = "\n".join(os.path.relpath(p, directory) for p, _ in files)
+    sizes = np.asarray([size for _, size in files], np.int64)
+    content, picked = 0, np.unique(np.linspace(0, len(files) - 1, sample).astype(int))
+    for index in picked:
+        path = files[index][0]
+        try:
+            with open_regular(path) as f:
+                content = zlib.crc32(f.read(), content)
+        except OSError as error:  # replaced when read in training; named in the fingerprint
+            content = zlib.crc32(f"{path}: {error.strerror}".encode(), content)
+    return (
+        f"{len(files)} images, crc32 {zlib.crc32(names.encode()):08x} of their names, "
+        f"{zlib.crc32(sizes.tobytes()):08x} of their sizes, {content:08x} of {len(picked)} files"
+    )
 
 
 def array_split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
@@ -155,6 +276,19 @@ def array_split(name: str, images: np.ndarray, labels: np.ndarray) -> Split:
         return Image.fromarray(images[i]), int(labels[i])
 
     return Split(name, len(images), load, lambda i: f"{name}[{i}]")
+
+
+def subset(split: Split, indices: np.ndarray) -> Split:
+    """The examples `indices` of `split`, in that order, as a split of their own."""
+    indices = np.asarray(indices, np.int64)
+    paths = tuple(split.paths[i] for i in indices) if split.paths else ()
+    return Split(
+        f"{split.name} ({len(indices)} of {len(split)})",
+        len(indices),
+        lambda i: split.load(int(indices[i])),
+        lambda i: split.describe(int(indices[i])),
+        paths=paths,
+    )
 
 
 def _prepare_hint(name: str) -> str:

@@ -204,7 +204,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     state_is_finite = jax.jit(_all_finite, out_shardings=replicated)
 
     # ---------------------------------------------------------------- evaluators and periods
-    eval_data = evaluate.Evaluator(config, comps.model, comps.probe, data, mesh)
+    eval_data = evaluate.FeatureBackend(config, comps.model, comps.probe, data, mesh)
     context = evaluate.Context(config, comps, data, mesh, eval_data)
     evaluators = evaluate.make_evaluators(config, context)
     eval_every = config_lib.eval_periods(config, steps_per_epoch)  # name -> steps (<= 0: never)
@@ -221,7 +221,7 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         total_steps=total_steps,
         start_step=start_step,
         steps_per_epoch=steps_per_epoch,
-        num_train=data.num_train,
+        num_train=data.knn_bank.num_examples,  # the training images a kNN evaluation encodes
         num_test=data.test.num_examples,
         enabled=main,
     )

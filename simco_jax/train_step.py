@@ -23,7 +23,8 @@ import optax
 
 from simco_jax import augment, methods, models, optimizers, schedules
 
-_DATA_STREAM, _STEP_STREAM, _INIT_STREAM = 0, 1, 2
+# Streams folded from the root key; stream 0 is the resident data order (`inputs.gather_batch`).
+_STEP_STREAM, _INIT_STREAM = 1, 2
 
 # The forward pass and MoCo's parts live in `methods`; these names stay importable from here.
 encode = methods.encode
@@ -195,16 +196,6 @@ def make_train_step(config, comps: Components):
     return train_step
 
 
-def epoch_batch_indices(rng, epoch, num_examples: int, steps_per_epoch: int, batch_size: int):
-    """The epoch's shuffled order from the seed, as (steps_per_epoch, batch) indices.
-
-    The tail that does not fill a batch is dropped, as the official DataLoader(drop_last=True).
-    """
-    data_rng = jax.random.fold_in(jax.random.fold_in(rng, _DATA_STREAM), epoch)
-    order = jax.random.permutation(data_rng, num_examples)
-    return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-
-
 def steps_per_dispatch(config) -> int:
     """Steps fused into one dispatch: `config.steps_per_dispatch`, but 1 on the CPU backend.
 
@@ -216,40 +207,18 @@ def steps_per_dispatch(config) -> int:
     return 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
 
 
-def gather_batch(state: TrainState, data, *, steps_per_epoch: int, batch: int, batch_sharding=None):
-    """The resident step's batch: rows of the on-device training set `data` = (images, labels)
-    at this step's slot of its epoch's order (`epoch_batch_indices`)."""
-    images, labels = data
-    epoch = state.step // steps_per_epoch
-    indices = epoch_batch_indices(state.rng, epoch, images.shape[0], steps_per_epoch, batch)[
-        state.step % steps_per_epoch
-    ]
-    if batch_sharding is not None:
-        indices = jax.lax.with_sharding_constraint(indices, batch_sharding)
-    return images[indices], labels[indices]
-
-
-def make_train_chunk(
-    config, comps: Components, train_step, *, chunk_size: int, batch_sharding=None, select=None
-):
+def make_train_chunk(config, comps: Components, train_step, *, chunk_size: int, select):
     """Fuses `chunk_size` steps into one lax.scan; steps at or past `stop_at` are skipped.
 
     `chunk(state, data, stop_at)`: `select(state, data, i)` gives the i-th step's (images, labels)
-    from the chunk's `data` (see `inputs`); by default `data` is the resident training set and
-    `gather_batch` picks the step's rows.
+    from the chunk's `data` (the training input's `select`, see `inputs`).
 
     The skip keeps one compiled function for every chunk of the run (epoch ends, the last steps),
     so the host dispatches once per chunk and never recompiles. `chunk_size` 1 (the CPU choice of
     `steps_per_dispatch`) is one step with neither loop nor cond around it; a select discards it
     past `stop_at`.
     """
-    if select is None:
-        gather = dict(
-            steps_per_epoch=comps.steps_per_epoch,
-            batch=config.batch_size,
-            batch_sharding=batch_sharding,
-        )
-        select = lambda state, data, i: gather_batch(state, data, **gather)
+    del config, comps  # unused since the resident gather moved to `inputs`; callers pass them
 
     def chunk(state: TrainState, data, stop_at):
         def run(state, i):

@@ -34,7 +34,9 @@ def evaluate(pretrained: str, out_dir: str) -> dict:
     run = linear_eval.restore_run(pretrained)
     data = inputs.create(run.config, run.mesh)
     assert data.mode == "streaming", data.mode
-    evaluator = evaluate_lib.Evaluator(run.config, run.comps.model, run.comps.probe, data, run.mesh)
+    evaluator = evaluate_lib.FeatureBackend(
+        run.config, run.comps.model, run.comps.probe, data, run.mesh
+    )
     result = {
         "devices": jax.device_count(),
         "processes": jax.process_count(),

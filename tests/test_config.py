@@ -193,6 +193,7 @@ BAD_VALUES = {
     "knn_every_epochs": [1.5, "10"],
     "eval_batch_size": [0],
     "knn_bank_dtype": ["float16"],
+    "knn_bank_size": [-1, 2.5],
     "seed": [-1, 2**40],
     "dtype": ["float16"],
     "steps_per_dispatch": [0],
@@ -221,12 +222,12 @@ def _with(key, value):
     "key, value", [(k, v) for k, values in BAD_VALUES.items() for v in values], ids=repr
 )
 def test_every_bad_value_fails_in_validate_naming_its_key(key, value, tmp_path, monkeypatch):
-    from simco_jax import data, train
+    from simco_jax import sources, train
 
     def no_data(config):
         raise AssertionError("data was read before the config was checked")
 
-    monkeypatch.setattr(data, "load_dataset", no_data)
+    monkeypatch.setattr(sources, "load_dataset", no_data)
     workdir = tmp_path / "run"
     with pytest.raises(config_lib.ConfigError) as raised:
         train.train_and_evaluate(_with(key, value), str(workdir))

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from simco_jax import config as config_lib
-from simco_jax import data
+from simco_jax import data, sources
 
 
 def make_config(**overrides):
@@ -42,7 +42,7 @@ def make_config(**overrides):
 
 
 def test_synthetic_shapes_dtypes_and_class_coverage():
-    ds = data.load_dataset(
+    ds = sources.load_dataset(
         make_config(
             synthetic_num_train=30,
             synthetic_num_test=20,
@@ -63,8 +63,8 @@ def test_synthetic_shapes_dtypes_and_class_coverage():
 
 
 def test_synthetic_is_deterministic_in_the_seed():
-    a, b = data.load_dataset(make_config(seed=3)), data.load_dataset(make_config(seed=3))
-    c = data.load_dataset(make_config(seed=4))
+    a, b = sources.load_dataset(make_config(seed=3)), sources.load_dataset(make_config(seed=3))
+    c = sources.load_dataset(make_config(seed=4))
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert not np.array_equal(a.train_images, c.train_images)
@@ -74,7 +74,7 @@ def test_synthetic_is_deterministic_in_the_seed():
 
 
 def test_synthetic_is_learnable_by_a_nearest_class_mean_probe():
-    ds = data.load_dataset(make_config())
+    ds = sources.load_dataset(make_config())
     x_train = ds.train_images.reshape(len(ds.train_images), -1).astype(np.float64)
     x_test = ds.test_images.reshape(len(ds.test_images), -1).astype(np.float64)
     means = np.stack([x_train[ds.train_labels == k].mean(0) for k in range(ds.num_classes)])
@@ -88,14 +88,14 @@ def test_synthetic_is_learnable_by_a_nearest_class_mean_probe():
 def test_synthetic_runs_with_the_real_config_schema():
     config = config_lib.base_config()
     config.update(config_lib.smoke_overrides())
-    ds = data.load_dataset(config)
+    ds = sources.load_dataset(config)
     assert ds.train_images.shape == (config.synthetic_num_train, 16, 16, 3)
     assert ds.num_classes == config.synthetic_num_classes
 
 
 def test_synthetic_smaller_than_a_batch_is_rejected():
     with pytest.raises(data.DataError, match=r"fewer than one batch \(batch_size=64\)"):
-        data.load_dataset(make_config(synthetic_num_train=32, batch_size=64))
+        sources.load_dataset(make_config(synthetic_num_train=32, batch_size=64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def write_npz(tmp_path, name="arrays.npz", **arrays):
 
 
 def load_npz(path, batch_size=4):
-    return data.load_dataset(make_config(dataset="npz", data_path=path, batch_size=batch_size))
+    return sources.load_dataset(make_config(dataset="npz", data_path=path, batch_size=batch_size))
 
 
 def test_npz_round_trip_ignores_extra_keys(tmp_path):
@@ -380,7 +380,7 @@ def test_tfds_mock_data(monkeypatch, no_proxy, name, num_classes):
         data, "any_host_reachable", lambda addresses: probed.append(addresses) or True
     )
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = data.load_dataset(make_config(dataset=name, batch_size=4))
+        ds = sources.load_dataset(make_config(dataset=name, batch_size=4))
     # mock_data leaves is_prepared() False, so the download path ran (as a no-op) after the
     # probe, which was asked about the host in the builder's checksums file.
     assert probed == [[("www.cs.toronto.edu", 443)]]
@@ -395,7 +395,7 @@ def test_tfds_mock_data(monkeypatch, no_proxy, name, num_classes):
 def test_tfds_unreachable_fails_fast_with_alternatives(monkeypatch, tmp_path, forbid_download):
     monkeypatch.setattr(data, "any_host_reachable", lambda addresses: False)
     with pytest.raises(data.DataError) as info:  # at once: forbid_download fails any attempt
-        data.load_dataset(make_config(dataset="cifar100", data_dir=str(tmp_path)))
+        sources.load_dataset(make_config(dataset="cifar100", data_dir=str(tmp_path)))
     message = str(info.value)
     assert "'cifar100' is not prepared" in message and str(tmp_path) in message
     assert "www.cs.toronto.edu:443" in message
@@ -411,7 +411,7 @@ def test_tfds_download_disabled_never_probes(monkeypatch, tmp_path, forbid_downl
     monkeypatch.setattr(data, "any_host_reachable", probe)
     config = make_config(dataset="svhn_cropped", data_dir=str(tmp_path), tfds_download=False)
     with pytest.raises(data.DataError, match="tfds_download=False forbids(.|\n)*tfds build"):
-        data.load_dataset(config)
+        sources.load_dataset(config)
 
 
 def test_tfds_failed_download_is_explained(monkeypatch, tmp_path):
@@ -421,15 +421,15 @@ def test_tfds_failed_download_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
     monkeypatch.setattr(data, "any_host_reachable", lambda addresses: True)
     with pytest.raises(data.DataError, match=r"ConnectionError: connection reset(.|\n)*synthetic"):
-        data.load_dataset(make_config(dataset="cifar10", data_dir=str(tmp_path)))
+        sources.load_dataset(make_config(dataset="cifar10", data_dir=str(tmp_path)))
 
 
 def test_tfds_not_installed_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` raises ImportError
     with pytest.raises(data.DataError, match=r"tensorflow-datasets and TensorFlow, which are not "):
-        data.load_dataset(make_config(dataset="cifar100"))
+        sources.load_dataset(make_config(dataset="cifar100"))
     with pytest.raises(data.DataError, match=r'pip install -e "\.\[tfds\]"(.|\n)*dataset=npz'):
-        data.load_dataset(make_config(dataset="cifar100"))
+        sources.load_dataset(make_config(dataset="cifar100"))
 
 
 def test_tfds_unknown_name():
@@ -438,7 +438,7 @@ def test_tfds_unknown_name():
         match=r"unknown dataset 'cifar1000'\. Did you mean "
         r"\['cifar100', 'cifar10'\]\?.*'synthetic', 'npz'",
     ):
-        data.load_dataset(make_config(dataset="cifar1000"))
+        sources.load_dataset(make_config(dataset="cifar1000"))
 
 
 def test_download_addresses(monkeypatch, no_proxy):
@@ -519,7 +519,7 @@ def test_tfds_prepared_dataset_loads_without_probing(monkeypatch, tmp_path):
         raise AssertionError("a prepared dataset must not be probed for")
 
     monkeypatch.setattr(data, "any_host_reachable", probe)
-    ds = data.load_dataset(
+    ds = sources.load_dataset(
         make_config(dataset="simco_test_tiny_images", data_dir=str(tmp_path), batch_size=10)
     )
     assert ds.num_classes == 5 and ds.train_images.shape == (10, 4, 4, 3)
@@ -539,4 +539,4 @@ def test_tfds_without_a_test_split(tmp_path):
     tfds.builder("simco_test_train_only", data_dir=str(tmp_path)).download_and_prepare()
     config = make_config(dataset="simco_test_train_only", data_dir=str(tmp_path), batch_size=2)
     with pytest.raises(data.DataError, match=r"has splits \['train'\].*--config\.dataset=npz"):
-        data.load_dataset(config)
+        sources.load_dataset(config)

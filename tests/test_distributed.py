@@ -57,7 +57,7 @@ def _worker(out_dir: str, frameworks) -> None:
     import jax
     from helpers import framework_config
 
-    from simco_jax import data, parallel, train, train_step, writers
+    from simco_jax import parallel, sources, train, train_step, writers
 
     logging.basicConfig(format="%(asctime)s %(message)s")  # progress in the log a timeout shows
     logging.getLogger("simco_jax").setLevel(logging.INFO)
@@ -67,7 +67,7 @@ def _worker(out_dir: str, frameworks) -> None:
         summary = train.train_and_evaluate(config, workdir)
         records = writers.read_metrics(workdir)
         state = flax.serialization.to_state_dict(parallel.to_host(summary["state"]))
-        dataset = data.load_dataset(config)
+        dataset = sources.load_dataset(config)
         comps = train_step.build_components(config, dataset.num_classes, 8)
         init = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
         init = {f"init/{k}": v for k, v in _flat(flax.serialization.to_state_dict(init)).items()}
@@ -93,7 +93,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from helpers import DEADLINE_S, FRAMEWORKS, REPO, framework_config, tail, wait, wait_until  # noqa: E402
 
-from simco_jax import augment, data, methods, models, train_step, writers  # noqa: E402
+from simco_jax import augment, methods, models, sources, train_step, writers  # noqa: E402
 from simco_jax import config as config_lib  # noqa: E402
 
 
@@ -309,7 +309,7 @@ def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
 def _training(dtype):
     """(initial state, jitted step, components, batches) of the smoke SimCo run in `dtype`."""
     config = framework_config("simco", dtype=dtype)
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])

@@ -34,8 +34,8 @@ def test_shipped_imagenet_configs_are_valid(framework, variant, tmp_path):
     config_lib.validate(config, num_devices=8)
     augment.AugmentParams.from_config(config)  # the augmentation accepts it too
     assert config.class_list == (CLASS_LIST if "imagenet100" in (variant or "") else "")
-    if variant and "smoke" in variant:
-        assert config.dataset == "imagefolder" and not config.cifar_stem
+    if variant and "smoke" in variant:  # a generated folder unless data_path names one
+        assert config.dataset == "generated_imagefolder" and not config.cifar_stem
         assert config.backbone_width <= 8 and config.crop_size <= 32
 
 
@@ -58,6 +58,9 @@ def test_imagenet_recipe_is_moco_v2s():
     assert c.cifar_stem is False and c.scale_lr is True
     assert (c.batch_size, c.lr, c.momentum, c.weight_decay) == (256, 0.03, 0.9, 1e-4)
     assert (c.max_epochs, c.warmup_epochs, c.min_lr) == (200, 0, 0.0)
+    # The kNN monitor stays on at this scale: a bank of ~100 images per class, not all of them.
+    assert (c.knn_every_epochs, c.knn_bank_size) == (10, 100_000)
+    assert imagenet_config("simco", "imagenet100").knn_bank_size == 10_000
     assert (c.queue_size, c.base_tau_momentum, c.final_tau_momentum) == (65536, 0.999, 0.999)
     assert (c.proj_hidden_dim, c.proj_output_dim) == (2048, 128)
     aug = augment.AugmentParams.from_config(c)
@@ -190,6 +193,48 @@ def test_imagenet100_selects_exactly_the_listed_classes(tmp_path):
     tfds_config = imagenet_config("simco", "imagenet100", data_dir=str(tmp_path / "tfds"))
     with pytest.raises(inputs.data.DataError, match="'imagenet2012' is not prepared in"):
         inputs.create(tfds_config, None)
+
+
+def test_the_smoke_variant_generates_its_image_folder_once_in_the_cache(tmp_path, monkeypatch):
+    from simco_jax import inputs, sources
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = imagenet_config("simco", "smoke")
+    config_lib.validate(config)  # no data_path needed
+    name, train, test, num_classes = inputs.open_splits(config)
+    assert (name, len(train), len(test), num_classes) == ("generated_imagefolder", 96, 32, 4)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(train.paths[0])))
+    assert root.startswith(str(tmp_path / "cache" / "simco_jax"))
+    written = {p: os.stat(p).st_mtime_ns for p in train.paths}
+    again = inputs.open_splits(config)[1]
+    assert again.identity == train.identity  # the same bytes, not written again
+    assert {p: os.stat(p).st_mtime_ns for p in again.paths} == written
+    image, label = train.load(0)  # real JPEGs, read through the image folder's path
+    assert image.mode == "RGB" and min(image.size) >= 40 and label == 0
+    # ImageNet-100's smoke run generates its 100 classes; data_path still names a real folder.
+    hundred = inputs.open_splits(imagenet_config("simco", "imagenet100,smoke"))
+    assert hundred.num_classes == 100 and len(hundred.train) == 100
+    _tiny_jpeg(os.path.join(tmp_path, "mine", "train", "a", "a.JPEG"), 1)
+    _tiny_jpeg(os.path.join(tmp_path, "mine", "val", "a", "a.JPEG"), 2)
+    mine = inputs.open_splits(imagenet_config("simco", "smoke", data_path=str(tmp_path / "mine")))
+    assert (mine.name, len(mine.train)) == ("mine", 1)
+    assert sources.cache_dir() == str(tmp_path / "cache" / "simco_jax")
+
+
+@pytest.mark.slow
+def test_the_imagenet_smoke_command_runs_as_it_is_offline(tmp_path):
+    """`python launch.py --config=configs/simco_imagenet.py:smoke --workdir=W`, nothing else."""
+    from helpers import run_python
+
+    from simco_jax import writers
+
+    workdir = tmp_path / "run"
+    run_python(
+        ["launch.py", "--config=configs/simco_imagenet.py:smoke", f"--workdir={workdir}"],
+        env_extra={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    records = writers.read_metrics(str(workdir))
+    assert records[-1]["step"] == 6 and "knn_top1" in records[-1]  # 96 images, batch 32, 2 epochs
 
 
 @pytest.mark.slow

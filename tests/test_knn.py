@@ -63,25 +63,32 @@ def _sharded_vs_direct(k, dtype="float32"):
     return np.asarray(sharded), np.asarray(direct)
 
 
-def _evaluator_knn(eval_batch_size, bank_dtype="float32"):
-    """Evaluator.knn_accuracy of the smoke SimCo model at its initial state, and a NumPy
-    computation of the same number from the model's features of the whole sets at once."""
+def _evaluator_knn(eval_batch_size, bank_dtype="float32", bank_size=0, evaluations=1):
+    """FeatureBackend.knn_accuracy of the smoke SimCo model at its initial state, and a NumPy
+    computation of the same number from the model's features of the whole sets at once (of the
+    bank's `bank_size` training images, `inputs.knn_bank_indices`, when it is set)."""
     import jax
     from helpers import framework_config
 
-    from simco_jax import data, evaluate, inputs, parallel, train_step
+    from simco_jax import evaluate, inputs, parallel, sources, train_step
 
     config = framework_config(
-        "simco", eval_batch_size=eval_batch_size, knn_k=10, knn_bank_dtype=bank_dtype
+        "simco",
+        eval_batch_size=eval_batch_size,
+        knn_k=10,
+        knn_bank_dtype=bank_dtype,
+        knn_bank_size=bank_size,
     )
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     comps = train_step.build_components(config, dataset.num_classes, 8)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
     mesh = parallel.make_mesh()
-    evaluator = evaluate.Evaluator(
+    evaluator = evaluate.FeatureBackend(
         config, comps.model, comps.probe, inputs.create(config, mesh), mesh
     )
-    ours = evaluator.knn_accuracy(state)
+    ours = [evaluator.knn_accuracy(state) for _ in range(evaluations)]
+    assert all(again == ours[0] for again in ours)  # the same bank at every evaluation
+    ours = ours[0]
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     from simco_jax import augment
@@ -92,12 +99,15 @@ def _evaluator_knn(eval_batch_size, bank_dtype="float32"):
         f = np.asarray(comps.model.apply(variables, augment.normalize(images, aug), train=False)[0])
         return f / np.linalg.norm(f, axis=-1, keepdims=True)
 
-    train_f, test_f = feats(dataset.train_images), feats(dataset.test_images)
+    bank = inputs.knn_bank_indices(config, len(dataset.train_labels))
+    bank = slice(None) if bank is None else bank
+    train_f, train_labels = feats(dataset.train_images[bank]), dataset.train_labels[bank]
+    test_f = feats(dataset.test_images)
     sim = test_f @ train_f.T
     nearest = np.argsort(-sim, axis=1, kind="stable")[:, : config.knn_k]
     votes = np.zeros((len(test_f), dataset.num_classes))
     for i, row in enumerate(nearest):
-        np.add.at(votes[i], dataset.train_labels[row], np.exp(sim[i, row] / config.knn_temperature))
+        np.add.at(votes[i], train_labels[row], np.exp(sim[i, row] / config.knn_temperature))
     ranked = np.argsort(-votes, axis=1, kind="stable")
     hits = ranked == dataset.test_labels[:, None]
     direct = {f"knn_top{k}": 100.0 * hits[:, :k].any(axis=1).mean() for k in (1, 5)}
@@ -138,6 +148,14 @@ def test_evaluator_knn_equals_numpy_on_whole_sets():
     # eval_batch_size 60 does not divide the 256 train / 64 test images: padded last batches.
     ours, direct, _ = _evaluator_knn(eval_batch_size=60)
     assert ours == direct
+
+
+def test_the_monitors_bank_is_its_configured_subset_at_every_evaluation():
+    """knn_bank_size: the kNN of the seeded subset (the NumPy side takes the same indices), the
+    same at every evaluation; the subset's size and draw are tested in tests/test_inputs.py."""
+    ours, direct, _ = _evaluator_knn(eval_batch_size=60, bank_size=100, evaluations=2)
+    assert ours == direct
+    assert ours != _evaluator_knn(eval_batch_size=60)[0]  # not the whole set's
 
 
 # --------------------------------------------------------------------------------------------

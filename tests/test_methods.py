@@ -10,11 +10,11 @@ from helpers import framework_config, run_python
 from simco_jax import (
     augment,
     checkpointing,
-    data,
     losses,
     methods,
     models,
     optimizers,
+    sources,
     train,
     train_step,
     writers,
@@ -67,7 +67,7 @@ def _sum(tree):
 
 
 def _setup(config):
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
@@ -408,7 +408,7 @@ def test_registry_runs_a_user_defined_evaluator_from_a_config_entry(tmp_path):
     assert not any("knn_top1" in r for r in records)
     assert [r["step"] for r in records if "probe_top1" in r] == [3]  # eval_every_epochs=1
     # The value is the mean norm of the clean test features of the final state.
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     comps = train_step.build_components(config, dataset.num_classes, 8)
     state = summary["state"]
     x = augment.normalize(jnp.asarray(dataset.test_images), comps.aug)

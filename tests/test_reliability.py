@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import DEADLINE_S, REPO, framework_config, run_python
 
-from simco_jax import checkpointing, data, train, writers
+from simco_jax import checkpointing, data, sources, train, writers
 from simco_jax import config as config_lib
 
 # 256 images / batch 32 = 8 steps per epoch, 32 steps; a checkpoint every 4 steps, all kept.
@@ -495,7 +495,7 @@ def test_same_config_and_seed_give_the_same_bits(reference, tmp_path):
 def _one_step_setup(config):
     from simco_jax import train_step
 
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     comps = train_step.build_components(config, dataset.num_classes, 8)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
     images = jnp.asarray(dataset.train_images[: config.batch_size])
@@ -630,7 +630,7 @@ def _no_data(monkeypatch):
     def load_dataset(config):
         raise AssertionError("data was loaded")
 
-    monkeypatch.setattr(data, "load_dataset", load_dataset)
+    monkeypatch.setattr(sources, "load_dataset", load_dataset)
 
 
 def test_resume_with_a_changed_batch_is_refused_before_any_data_and_touches_nothing(

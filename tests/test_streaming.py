@@ -379,6 +379,144 @@ def test_host_batches_depend_only_on_the_step_not_on_threads_or_restarts(folder)
 
 
 # ---------------------------------------------------------------------------------------------
+# Every file once: link cycles and special files in the tree; a content-aware fingerprint.
+# ---------------------------------------------------------------------------------------------
+
+
+def _listing(root):
+    split, _ = streaming.image_folder_split(os.path.join(root, "train"))
+    return split, [os.path.relpath(p, root) for p in split.paths]
+
+
+# Each family: directory links that would reach a directory a second time (or forever).
+LINK_CYCLES = {
+    "a link to its own directory": [("cat/loop", ".")],
+    "a link to the split": [("cat/sub/up", "../..")],
+    "a link to the split's parent": [("cat/root", "../..")],
+    "two directories linking each other": [("cat/a/to_b", "../b"), ("cat/b/to_a", "../a")],
+    "a second link to one directory": [("cat/a/one", "../b"), ("cat/a/two", "../b")],
+    "a link to another class": [("cat/dogs", "../dog")],
+}
+
+
+@pytest.mark.parametrize("family", LINK_CYCLES)
+def test_directory_link_cycles_are_read_once_and_skipped_with_one_line(
+    folder, tmp_path, family, caplog
+):
+    root = _copy_folder(folder[0], tmp_path / "copy")
+    _, plain = _listing(root)
+    train = os.path.join(root, "train")
+    for sub in ("cat/sub", "cat/a", "cat/b"):
+        os.makedirs(os.path.join(train, sub), exist_ok=True)
+    _tiny = os.path.join(train, "cat", "b", "inside.JPEG")
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(_tiny, "JPEG")
+    for link, target in LINK_CYCLES[family]:
+        os.symlink(target, os.path.join(train, link))
+    split, listed = _listing(root)
+    real = [os.path.realpath(p) for p in split.paths]
+    assert len(set(real)) == len(real)  # no file twice, whatever the links
+    assert set(listed) >= set(plain) and len(listed) == len(plain) + 1  # + cat/b/inside.JPEG
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "already read" in skipped[0].getMessage()
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _socket(path):
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.close()  # the socket file stays
+
+
+SPECIAL_FILES = {
+    "a FIFO": _fifo,
+    "a socket": _socket,
+    "a device (a link to /dev/null)": lambda path: os.symlink(os.devnull, path),
+    "a broken link": lambda path: os.symlink("missing.JPEG", path),
+    "a link loop": lambda path: os.symlink(os.path.basename(path), path),
+}
+
+
+@pytest.mark.parametrize("family", SPECIAL_FILES)
+def test_special_files_with_image_names_are_skipped_with_one_line(folder, tmp_path, family, caplog):
+    root = _copy_folder(folder[0], tmp_path / "copy")
+    _, plain = _listing(root)
+    SPECIAL_FILES[family](os.path.join(root, "train", "dog", "zz_special.JPEG"))
+    _, listed = _listing(root)  # listing opens nothing: a FIFO cannot block it
+    assert listed == plain
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "zz_special.JPEG" in skipped[0]
+
+
+def _in_thread(fn):
+    """fn() in a daemon thread; its result or error, or a failure if it is still blocked."""
+    import threading
+
+    from helpers import DEADLINE_S
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            out["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive(), "blocked on a special file"
+    return out
+
+
+@pytest.mark.parametrize("family", ["a FIFO", "a socket", "a device (a link to /dev/null)"])
+def test_a_file_replaced_by_a_special_file_after_listing_is_unreadable_not_a_hang(
+    folder, tmp_path, family, caplog
+):
+    root = _copy_folder(folder[0], tmp_path / "copy")
+    split, _ = _listing(root)
+    os.remove(split.paths[0])
+    SPECIAL_FILES[family](split.paths[0])
+    out = _in_thread(lambda: split.load(0))
+    assert isinstance(out.get("error"), OSError), out
+    files = streaming.UnreadableFiles(split, max_fraction=0.05)
+    image, label = _in_thread(lambda: files.load(0))["value"]
+    assert label == 0 and "unreadable image" in caplog.text  # replaced by the next one
+
+
+def test_the_folder_fingerprint_sees_contents_not_copies(folder, tmp_path):
+    """Names, sizes and a sample of bytes (streaming.folder_identity): a copy, a move or new
+    modification times keep it; a changed, re-encoded, renamed or moved-between-classes image
+    changes it."""
+    root = _copy_folder(folder[0], tmp_path / "copy")
+    identity = lambda r: _listing(r)[0].identity
+    before = identity(root)
+    assert identity(_copy_folder(root, tmp_path / "moved")) == before
+    for path in _listing(root)[0].paths:
+        os.utime(path, (0, 0))
+    assert identity(root) == before
+    split, _ = _listing(root)
+    first = split.paths[0]  # sampled: the first file is always read
+    data_ = bytearray(open(first, "rb").read())
+    data_[-3] ^= 0xFF  # same size, other bytes
+    open(first, "wb").write(bytes(data_))
+    assert identity(root) != before
+    root = _copy_folder(folder[0], tmp_path / "again")
+    unsampled = _listing(root)[0].paths[1]
+    Image.new("RGB", (30, 30), (9, 9, 9)).save(unsampled, "JPEG")  # re-encoded: another size
+    assert identity(root) != before
+    root = _copy_folder(folder[0], tmp_path / "renamed")
+    path = _listing(root)[0].paths[1]
+    os.rename(path, path.replace(".JPEG", "_x.JPEG"))
+    assert identity(root) != before
+    assert before.startswith("100 images, crc32 ")
+
+
+# ---------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------
 

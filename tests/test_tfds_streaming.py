@@ -15,7 +15,7 @@ import pytest
 import tiny_tfds
 from helpers import REPO, framework_config, run_python
 
-from simco_jax import data, inputs, parallel, streaming, writers
+from simco_jax import data, inputs, parallel, sources, streaming, writers
 
 NAME = "tiny_wnids"
 
@@ -321,7 +321,7 @@ def test_a_small_fixed_size_dataset_in_array_record_files_is_loaded_resident(tfd
     the data source."""
     config = _config("tiny_fixed", tfds_dir)
     assert inputs.resolve_mode(config) == "resident"
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     for images, labels, split in (
         (dataset.train_images, dataset.train_labels, "train"),
         (dataset.test_images, dataset.test_labels, "test"),
@@ -428,7 +428,7 @@ def test_the_evaluators_score_every_image_of_the_eval_dataset(tfds_dir):
             lambda: train_step.create_train_state(config, comps, data_.image_shape),
             out_shardings=parallel.replicated(mesh),
         )()
-        evaluator = evaluate.Evaluator(config, comps.model, comps.probe, data_, mesh)
+        evaluator = evaluate.FeatureBackend(config, comps.model, comps.probe, data_, mesh)
         probe = evaluator.probe_accuracy(state)
     finally:
         data_.close()

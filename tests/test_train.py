@@ -10,7 +10,7 @@ import pytest
 from helpers import FRAMEWORKS, framework_config, run_python
 from test_progress import TRAIN_LINE
 
-from simco_jax import checkpointing, data, train, train_step, writers
+from simco_jax import checkpointing, data, sources, train, train_step, writers
 
 
 def _tiny(framework="simco", **overrides):
@@ -18,7 +18,7 @@ def _tiny(framework="simco", **overrides):
 
 
 def _setup(config):
-    dataset = data.load_dataset(config)
+    dataset = sources.load_dataset(config)
     steps_per_epoch = len(dataset.train_labels) // config.batch_size
     comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
     state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
