@@ -91,9 +91,16 @@ def compatibility_record(config, num_classes=None, *, steps_per_epoch=None, trai
     return record
 
 
+# Keys added since some checkpoints were written, with the value those checkpoints' runs had:
+# a record without the key is compared as if it held that value.
+IMPLIED_BY_OLDER_RECORDS = {"pred_hidden_bias": True, "scale_classifier_lr": False}
+
+
 def changes(saved: dict, now: dict) -> tuple[dict, dict]:
     """(refused, accepted) changes, each {key: (saved value, current value)}, over the keys both
-    records hold (a key added since the checkpoint was written is not compared)."""
+    records hold (a key added since the checkpoint was written is not compared, unless its
+    earlier behaviour is in `IMPLIED_BY_OLDER_RECORDS`)."""
+    saved = {**IMPLIED_BY_OLDER_RECORDS, **saved}
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     refused = {k: c for k, c in changed.items() if k not in RESUMABLE_KEYS}
     return refused, {k: c for k, c in changed.items() if k in RESUMABLE_KEYS}

@@ -85,8 +85,11 @@ def build_components(config, num_classes: int, steps_per_epoch: int) -> Componen
         return schedule
 
     lr = schedules.scaled_lr(config.lr, config.batch_size) if config.scale_lr else config.lr
+    classifier_lr = config.classifier_lr
+    if config.scale_classifier_lr:  # solo-learn scales it as the lr; the official SimCo does not
+        classifier_lr = schedules.scaled_lr(classifier_lr, config.batch_size)
     # The probe shares the schedule's shape (and absolute warm-up start), has no weight decay.
-    probe_tx = optax.sgd(lr_schedule(config.classifier_lr), momentum=config.momentum)
+    probe_tx = optimizers.make_probe_optimizer(config, lr_schedule(classifier_lr))
     model = models.create_encoder(config, dtype=resolve_dtype(config.dtype))
     total_steps = config.max_epochs * steps_per_epoch
     return Components(

@@ -61,6 +61,29 @@ PINNED_STEPS = {
 PINNED_MOMENTUM = {"simmoco": 328.24802378269885, "mocov2": 328.25108124528765}
 PINNED_QUEUE = {"mocov2": 3.5287625499186106}
 
+# BYOL and SimSiam, the same two steps, recorded once they followed solo-learn (issue 21), which
+# changed their numbers: the classifier's lr is scaled by batch/256 (0.1 becomes 0.0125 at the
+# smoke batch of 32), BYOL's classifier trains inside LARS, SimSiam's predictor lost the bias of
+# its first Linear. (losses, probe losses, sums of params, batch_stats, probe, momentum params)
+PINNED_SOLO_LEARN_STEPS = {
+    "byol": (
+        [3.6171202659606934, 3.7399964332580566],
+        [2.5093188285827637, 2.491739273071289],
+        359.3480876347079,
+        309.77243205183186,
+        1.7063603708229493,
+        344.2517306413012,
+    ),
+    "simsiam": (
+        [-0.05739402398467064, -0.04052235931158066],
+        [2.5093188285827637, 2.47802996635437],
+        376.35609605766496,
+        333.31902490545923,
+        1.7063605307921534,
+        None,
+    ),
+}
+
 
 def _sum(tree):
     return float(sum(np.sum(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)))
@@ -95,6 +118,26 @@ def test_old_frameworks_take_bit_identical_steps(framework):
         assert state.momentum_params is None
     if framework in PINNED_QUEUE:
         assert _sum(state.queue) == PINNED_QUEUE[framework]
+
+
+@pytest.mark.parametrize("framework", sorted(PINNED_SOLO_LEARN_STEPS))
+def test_byol_and_simsiam_take_pinned_steps(framework):
+    _, state, step, images, labels = _setup(framework_config(framework))
+    losses_seen, probe_losses = [], []
+    for _ in range(2):
+        state, metrics = step(state, images, labels)
+        losses_seen.append(float(metrics["loss"]))
+        probe_losses.append(float(metrics["probe_loss"]))
+    momentum = state.momentum_params
+    got = (
+        losses_seen,
+        probe_losses,
+        _sum(state.params),
+        _sum(state.batch_stats),
+        _sum(state.probe_params),
+        None if momentum is None else _sum(momentum),
+    )
+    assert got == PINNED_SOLO_LEARN_STEPS[framework]
 
 
 @pytest.mark.slow
@@ -263,6 +306,9 @@ def test_simsiam_projector_ends_in_batch_norm_without_affine():
     projector = state.params["projector"]
     assert sorted(projector) == ["hidden", "hidden2", "hidden2_bn", "hidden_bn", "output"]
     assert "bias" not in projector["hidden"] and "bias" not in projector["output"]
+    # solo-learn's predictor: Linear(bias=False) → BN → ReLU → Linear (with bias).
+    assert sorted(state.params["predictor"]["hidden"]) == ["kernel"]
+    assert sorted(state.params["predictor"]["output"]) == ["bias", "kernel"]
     assert "output_bn" in state.batch_stats["projector"]  # statistics only, no scale/bias
     assert state.momentum_params is None and state.queue is None
 
