@@ -12,7 +12,7 @@ FIVE = ("simco", "simmoco", "mocov2", "byol", "simsiam")
 
 
 def _probe_step(framework, **overrides):
-    """One update of the online classifier at the peak lr; returns (params, grads, updates, config)."""
+    """One classifier update at the peak lr: (params, grads, updates, config)."""
     config = framework_config(framework, warmup_epochs=0, **overrides)  # step 0 is at the peak
     comps = train_step.build_components(config, num_classes=3, steps_per_epoch=8)
     rng = np.random.default_rng(0)
