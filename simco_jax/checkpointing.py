@@ -223,10 +223,7 @@ class Checkpointer:
             for step in sorted(self.manager.all_steps(), reverse=True):
                 try:
                     self._check_record(step)
-                    restored = self.manager.restore(
-                        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-                    )
-                    return restored["state"]
+                    return self._restore_state(step, abstract)
                 except CheckpointError:
                     raise
                 except Exception as error:  # noqa: BLE001 - any unreadable one: try an older one
@@ -243,6 +240,25 @@ class Checkpointer:
         finally:
             if unreadable:
                 self._set_aside(unreadable)
+
+    def _restore_state(self, step: int, abstract):
+        """The state of `step` in `abstract`'s layout, or, for a state that has a layout of
+        earlier releases (`legacy_layout()`, `from_legacy_layout`), in that one, converted."""
+
+        def restore(target):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            return self.manager.restore(step, args=args)["state"]
+
+        try:
+            return restore(abstract)
+        except Exception as error:
+            legacy = getattr(abstract, "legacy_layout", lambda: None)()
+            if legacy is None:
+                raise
+            try:
+                return type(abstract).from_legacy_layout(restore(legacy))
+            except Exception:  # not that layout either: the first error is the one to report
+                raise error from None
 
     def _set_aside(self, steps) -> None:
         """Moves unreadable steps out of the way (not deleted: a read error may be transient), so
