@@ -11,10 +11,11 @@ a synthetic uint8 array of CIFAR shape) and measures:
 * model-FLOPs utilisation: FLOPs per step from XLA's cost analysis of the compiled chunk ÷ step
   time ÷ the device's peak FLOP/s (table below, or --peak_flops),
 * with --baseline: the same for bare jitted forward/backward steps of the same encoder on
-  pre-augmented float inputs — two online forward passes per step with the backward passes the
-  loss needs (both views; view 1 alone for a one-way loss with momentum keys), plus the momentum
-  encoder's forward passes where the framework has one (one per view, as the full step and the
-  official code do) — and the ratio full step / bare step.
+  pre-augmented float inputs — two online forward passes per step with the backward passes the loss
+  needs (the method's `backward_views`: view 1 alone for a one-way loss with momentum keys or
+  stop-gradient targets, else both), plus the momentum encoder's forward passes where the framework
+  has one (one per view, as the full step and the official code do) — and the ratio full step /
+  bare step.
 
 CPU (about 5 minutes on 2 cores; ResNet-18 at batch 64):
 
@@ -307,9 +308,9 @@ def make_bare_chunk(config, comps, chunk_size: int):
     """Bare forward/backward steps of the same encoder on pre-augmented float views.
 
     Per step: the online encoder's forward pass on each view (separate passes, as the full step)
-    with the backward passes the loss needs (both views, or view 1 alone for a one-way loss with
-    momentum keys), the momentum encoder's forward passes the full step does (stop-gradient,
-    train-mode BatchNorm), and a plain SGD update so that no step is loop-invariant.
+    with the backward passes the method declares (`backward_views`), the momentum encoder's forward
+    passes the full step does (stop-gradient, train-mode BatchNorm), and a plain SGD update so that
+    no step is loop-invariant.
     No augmentation, optimizer state, probe, EMA, queue, data gather or contrastive loss.
     """
     model = comps.model
@@ -321,10 +322,11 @@ def make_bare_chunk(config, comps, chunk_size: int):
         )
         return jnp.mean(jnp.square(projections.astype(jnp.float32))), updates["batch_stats"]
 
-    # A one-way loss with momentum keys (MoCo v2, SimMoCo) sends no gradient through view 2's
-    # online pass (XLA drops its backward in the full step too); the pass itself still runs, for
-    # the BatchNorm statistics and the probe's features.
-    second_view_has_gradient = config.symmetric or not config.momentum_encoder
+    # The views the method differentiates (`methods.Method.backward_views`, as the full step and
+    # simco_jax/memory.py): a one-way loss with momentum keys (MoCo v2, SimMoCo) sends no gradient
+    # through view 2's online pass; the pass itself still runs, for the BatchNorm statistics and
+    # the probe's features.
+    second_view_has_gradient = 1 in comps.method.backward_views
 
     def loss_fn(params, stats, views):
         loss1, stats = forward(params, stats, views[0])

@@ -5,12 +5,12 @@ r"""BYOL on CIFAR-100, ResNet-18, batch 256, 200 epochs, in the shared recipe of
 BYOL (Grill et al., NeurIPS 2020): a momentum (target) encoder, no negatives, a predictor on the
 online branch, the normalised-MSE loss summed over both directions. The method and optimizer
 settings are solo-learn's CIFAR recipe, scripts/pretrain/cifar/byol.yaml (vturrisi/solo-learn):
-projector 4096 → 256 with BatchNorm, predictor hidden 4096, τ_m 0.99 → 1.0 (cosine), LARS with
-lr 1.0 (× batch/256), weight decay 1e-5, η 0.02, clip_lr, biases and BatchNorm excluded,
-classifier lr 0.1. Backbone, augmentation (symmetric), lr schedule (10 warm-up epochs, stepped per
-epoch), 200 epochs and evaluation stay those of the SimCo configs, so that the five frameworks
-differ only in their method settings (solo-learn's recipe trains 1000 epochs with asymmetric
-blur/solarisation and a per-step schedule).
+projector 4096 → 256 with BatchNorm, predictor hidden 4096, τ_m 0.99 → 1.0 (cosine), LARS with lr
+1.0 (× batch/256), weight decay 1e-5, η 0.02, clip_lr, biases and BatchNorm excluded, classifier lr
+0.1 (× batch/256; the classifier trains inside LARS, weight decay 0). Backbone, augmentation
+(symmetric), lr schedule (10 warm-up epochs, stepped per epoch), 200 epochs and evaluation stay
+those of the SimCo configs, so that the five frameworks differ only in their method settings
+(solo-learn's recipe trains 1000 epochs with asymmetric blur/solarisation and a per-step schedule).
 Variants: `:cifar10`, `:smoke` (a tiny network on synthetic data, no download), `:smoke,cifar10`.
 """
 
@@ -36,6 +36,7 @@ def get_config(arg=None):
     config.lr = 1.0
     config.weight_decay = 1e-5
     config.classifier_lr = 0.1
+    config.scale_classifier_lr = True  # solo-learn scales it by batch_size / 256, as the lr
     config.lars_eta = 0.02
     config.lars_clip_lr = True
     config.lars_exclude_bias_n_norm = True

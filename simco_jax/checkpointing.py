@@ -95,9 +95,16 @@ def compatibility_record(config, num_classes=None, *, steps_per_epoch=None, trai
     return record
 
 
+# Keys added since some checkpoints were written, with the value those checkpoints' runs had:
+# a record without the key is compared as if it held that value.
+IMPLIED_BY_OLDER_RECORDS = {"pred_hidden_bias": True, "scale_classifier_lr": False}
+
+
 def changes(saved: dict, now: dict) -> tuple[dict, dict]:
     """(refused, accepted) changes, each {key: (saved value, current value)}, over the keys both
-    records hold (a key added since the checkpoint was written is not compared)."""
+    records hold (a key added since the checkpoint was written is not compared, unless its
+    earlier behaviour is in `IMPLIED_BY_OLDER_RECORDS`)."""
+    saved = {**IMPLIED_BY_OLDER_RECORDS, **saved}
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     refused = {k: c for k, c in changed.items() if k not in RESUMABLE_KEYS}
     return refused, {k: c for k, c in changed.items() if k in RESUMABLE_KEYS}
@@ -255,10 +262,7 @@ class Checkpointer:
             for step in sorted(self.manager.all_steps(), reverse=True):
                 try:
                     self._check_record(step)
-                    restored = self.manager.restore(
-                        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-                    )
-                    return restored["state"]
+                    return self._restore_state(step, abstract)
                 except CheckpointError:
                     raise
                 except Exception as error:  # noqa: BLE001 - any unreadable one: try an older one
@@ -268,6 +272,25 @@ class Checkpointer:
         finally:
             if unreadable:
                 self._set_aside(unreadable)
+
+    def _restore_state(self, step: int, abstract):
+        """The state of `step` in `abstract`'s layout, or, for a state that has a layout of
+        earlier releases (`legacy_layout()`, `from_legacy_layout`), in that one, converted."""
+
+        def restore(target):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            return self.manager.restore(step, args=args)["state"]
+
+        try:
+            return restore(abstract)
+        except Exception as error:
+            legacy = getattr(abstract, "legacy_layout", lambda: None)()
+            if legacy is None:
+                raise
+            try:
+                return type(abstract).from_legacy_layout(restore(legacy))
+            except Exception:  # not that layout either: the first error is the one to report
+                raise error from None
 
     def _set_aside(self, unreadable) -> None:
         """Moves unreadable steps out of the way (not deleted: a read error may be transient), so

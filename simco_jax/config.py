@@ -4,19 +4,21 @@ Every framework is a setting of the same keys (`simco_jax.methods` says what eac
 first three are the paper's (Zhang et al., CVPR 2022, arXiv:2203.17248), as in its official code
 (github.com/ChaoningZhang/Dual-temperature):
 
-=================  ===========  ===========  ===========  ==============  ===============
-key                MoCo v2      SimMoCo      SimCo        BYOL            SimSiam
-=================  ===========  ===========  ===========  ==============  ===============
-momentum_encoder   True         True         False        True            False
-queue_size         65536        0            0            0               0
-dt_m               1.0          10.0         10.0         (unused)        (unused)
-symmetric          False        False        True         True            True
-loss               contrastive  contrastive  contrastive  normalized_mse  negative_cosine
-predictor          False        False        False        True (4096)     True (512)
-pred_fixed_lr      -            -            -            False           True
-projector          mlp          mlp          mlp          mlp_bn          mlp3_bn
-optimizer          sgd          sgd          sgd          lars            sgd
-=================  ===========  ===========  ===========  ==============  ===============
+===================  ===========  ===========  ===========  ==============  ===============
+key                  MoCo v2      SimMoCo      SimCo        BYOL            SimSiam
+===================  ===========  ===========  ===========  ==============  ===============
+momentum_encoder     True         True         False        True            False
+queue_size           65536        0            0            0               0
+dt_m                 1.0          10.0         10.0         (unused)        (unused)
+symmetric            False        False        True         True            True
+loss                 contrastive  contrastive  contrastive  normalized_mse  negative_cosine
+predictor            False        False        False        True (4096)     True (512)
+pred_fixed_lr        -            -            -            False           True
+pred_hidden_bias     -            -            -            True            False
+projector            mlp          mlp          mlp          mlp_bn          mlp3_bn
+optimizer            sgd          sgd          sgd          lars            sgd
+scale_classifier_lr  False        False        False        True            True
+===================  ===========  ===========  ===========  ==============  ===============
 
 Periods: every period is `<name>_steps` or `<name>_epochs` (a float), resolved by `period_steps`
 (log_every, checkpoint_every, and each entry of `evals`: every_steps / every_epochs).
@@ -112,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.predictor = False  # BYOL/SimSiam: an MLP on the online branch predicts the target
     c.pred_hidden_dim = 4096  # BYOL 4096, SimSiam 512
     c.pred_fixed_lr = False  # SimSiam: the predictor keeps the peak lr (no warm-up, no decay)
+    c.pred_hidden_bias = True  # the predictor's first Linear has a bias (BYOL; SimSiam's has none)
 
     # The contrastive method: SimCo by default (the table in the module docstring).
     c.momentum_encoder = False
@@ -135,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_epochs = 200
     c.lr = 0.03  # at batch 256; scaled by batch_size / 256 when scale_lr
     c.scale_lr = True
-    c.classifier_lr = 0.3  # the online probe's lr (not scaled)
+    c.classifier_lr = 0.3  # the online probe's lr, at batch 256 when scale_classifier_lr
+    c.scale_classifier_lr = False  # True: × batch_size / 256 (solo-learn); the official SimCo: no
     c.momentum = 0.9
     c.weight_decay = 5e-4
     c.warmup_epochs = 10
@@ -441,6 +445,7 @@ MODEL = Seam(
         "predictor": BOOL,
         "pred_hidden_dim": integer(1, 65_536),
         "pred_fixed_lr": BOOL,
+        "pred_hidden_bias": BOOL,
     }
 )
 
@@ -518,6 +523,7 @@ OPTIMIZATION = Seam(
         "lr": LEARNING_RATE,
         "scale_lr": BOOL,
         "classifier_lr": LEARNING_RATE,
+        "scale_classifier_lr": BOOL,
         "momentum": real(0.0, 1.0, open_hi=True),  # SGD momentum 1 never forgets a gradient
         "weight_decay": real(0.0, 1.0),
         "warmup_epochs": integer(0),

@@ -10,7 +10,9 @@ width 64; `describe_export` writes the loading code for any width (what the comm
 Layouts: Flax conv kernels are HWIO, torch's OIHW; Flax Dense kernels are (in, out), torch's
 Linear weight is (out, in). BatchNorm: scale → weight, bias → bias, batch_stats mean/var →
 running_mean/running_var, plus torch's int64 scalar num_batches_tracked (written as 0; torch only
-reads it when momentum=None).
+reads it when momentum=None). The projector, with `include_projector`, is solo-learn's
+torch.nn.Sequential of its kind (`PROJECTOR_LAYERS`), BatchNorms included; the printed loading
+code rebuilds that Sequential.
 """
 
 from __future__ import annotations
@@ -138,13 +140,58 @@ def backbone_state_dict(params, batch_stats) -> dict[str, np.ndarray]:
     return out
 
 
-def projector_state_dict(projector_params) -> dict[str, np.ndarray]:
-    """solo-learn's nn.Sequential(Linear, ReLU, Linear) names; Linear weight is (out, in)."""
+# The projector kinds of `models.Projector` as torch.nn.Sequential layers, in torch's order:
+# (Flax module, Sequential index, what it is). The ReLUs hold the indices between. 'linear0'
+# is a Linear whose torch twin has a bias the Flax head lacks (solo-learn's SimSiam freezes it
+# under a BatchNorm): exported as zeros, which gives the Flax head's outputs.
+PROJECTOR_LAYERS = {
+    "mlp": (("hidden", 0, "linear"), ("output", 2, "linear")),
+    "mlp_bn": (("hidden", 0, "linear"), ("hidden_bn", 1, "bn"), ("output", 3, "linear")),
+    "mlp3_bn": (
+        ("hidden", 0, "linear"),
+        ("hidden_bn", 1, "bn"),
+        ("hidden2", 3, "linear"),
+        ("hidden2_bn", 4, "bn"),
+        ("output", 6, "linear0"),
+        ("output_bn", 7, "bn"),
+    ),
+}
+
+
+def projector_kind(projector_params, projector_stats=None) -> str:
+    """The `models.Projector` kind whose layers these are; ValueError for a head with no torch
+    mapping here."""
+    names = set(projector_params) | set(projector_stats or {})
+    for kind, layers in PROJECTOR_LAYERS.items():
+        if names == {name for name, _, _ in layers}:
+            return kind
+    raise ValueError(
+        f"the projector's layers {sorted(names)} match no exportable head "
+        f"{sorted(PROJECTOR_LAYERS)}; export without --include_projector"
+    )
+
+
+def projector_state_dict(projector_params, projector_stats=None) -> dict[str, np.ndarray]:
+    """The projector as torch.nn.Sequential names (`projector.<index>.<leaf>`), in torch's order:
+    Linear weight (out, in) and bias; BatchNorm weight, bias (when affine), running_mean,
+    running_var, num_batches_tracked."""
+    projector_stats = projector_stats or {}
     out = {}
-    for flax_name, index in (("hidden", 0), ("output", 2)):
-        layer = projector_params[flax_name]
-        out[f"projector.{index}.weight"] = np.ascontiguousarray(np.asarray(layer["kernel"]).T)
-        out[f"projector.{index}.bias"] = np.asarray(layer["bias"])
+    for name, index, what in PROJECTOR_LAYERS[projector_kind(projector_params, projector_stats)]:
+        prefix, layer = f"projector.{index}", projector_params.get(name, {})
+        if what.startswith("linear"):
+            out[f"{prefix}.weight"] = np.ascontiguousarray(np.asarray(layer["kernel"]).T)
+            if "bias" in layer:
+                out[f"{prefix}.bias"] = np.asarray(layer["bias"])
+            elif what == "linear0":
+                out[f"{prefix}.bias"] = np.zeros(out[f"{prefix}.weight"].shape[0], np.float32)
+            continue
+        if "scale" in layer:  # affine
+            out[f"{prefix}.weight"] = np.asarray(layer["scale"])
+            out[f"{prefix}.bias"] = np.asarray(layer["bias"])
+        out[f"{prefix}.running_mean"] = np.asarray(projector_stats[name]["mean"])
+        out[f"{prefix}.running_var"] = np.asarray(projector_stats[name]["var"])
+        out[f"{prefix}.num_batches_tracked"] = np.zeros((), np.int64)
     return out
 
 
@@ -173,7 +220,7 @@ def export_torch_state_dict(
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; allowed: {sorted(BACKBONES)}")
     backbone_params, projector_params = _split_encoder_tree(params)
-    backbone_stats, _ = _split_encoder_tree(batch_stats)
+    backbone_stats, projector_stats = _split_encoder_tree(batch_stats)
     tensors = backbone_state_dict(backbone_params, backbone_stats)
 
     stem = tensors["conv1.weight"].shape  # (width, 3, k, k)
@@ -192,7 +239,7 @@ def export_torch_state_dict(
     if include_projector:
         if projector_params is None:
             raise ValueError("include_projector=True needs an Encoder's params (with 'projector')")
-        tensors.update(projector_state_dict(projector_params))
+        tensors.update(projector_state_dict(projector_params, projector_stats))
     save_safetensors(tensors, path, metadata={"format": "pt"})
     return tensors
 
@@ -266,15 +313,40 @@ _TORCHVISION_BLOCKS = {
 }
 
 
+def torch_projector_layers(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The torch.nn modules of an exported projector, read off its tensors in index order:
+    a 2-d weight is a Linear, running statistics a BatchNorm1d, an index without tensors a
+    ReLU. [] if the file holds no projector."""
+    layers: dict[int, dict[str, np.ndarray]] = {}
+    for name, value in tensors.items():
+        if name.startswith("projector."):
+            _, index, leaf = name.split(".")
+            layers.setdefault(int(index), {})[leaf] = value
+    modules = []
+    for index in range(max(layers, default=-1) + 1):
+        layer = layers.get(index)
+        if layer is None:
+            modules.append("torch.nn.ReLU()")
+        elif "running_mean" in layer:
+            affine = "" if "weight" in layer else ", affine=False"
+            modules.append(f"torch.nn.BatchNorm1d({layer['running_mean'].shape[0]}{affine})")
+        else:
+            out_dim, in_dim = layer["weight"].shape
+            bias = "" if "bias" in layer else ", bias=False"
+            modules.append(f"torch.nn.Linear({in_dim}, {out_dim}{bias})")
+    return modules
+
+
 def torchvision_loading_snippet(
-    path, backbone: str, width: int, cifar_stem: bool = True, projector_shape=None
+    path, backbone: str, width: int, cifar_stem: bool = True, projector_layers=()
 ) -> str:
     """Python that loads an exported file into torchvision, for the file's backbone and width.
 
     torchvision's constructors fix the stage widths at 64·2^i (`width_per_group` only widens a
     Bottleneck's inner 3×3, and BasicBlock rejects it), so at another `width` the snippet rebuilds
     the stem and the four stages with torchvision's own `ResNet._make_layer`, as its constructor
-    does. projector_shape: (features, hidden, output) of an exported projector, or None.
+    does. projector_layers: the torch.nn modules of an exported projector
+    (`torch_projector_layers`), or none.
     """
     block, layers = _TORCHVISION_BLOCKS[backbone]
     lines = ["import torch", "import torchvision", "from safetensors.torch import load_file"]
@@ -304,14 +376,14 @@ def torchvision_loading_snippet(
     path = str(path)
     quoted = f'"{path}"' if '"' not in path and "\\" not in path else repr(path)  # black's style
     lines += ["model.fc = torch.nn.Identity()", f"state = load_file({quoted})"]
-    if projector_shape is None:
+    if not projector_layers:
         lines.append("model.load_state_dict(state)")
     else:
-        features, hidden, output = projector_shape
         lines += [
             'model.load_state_dict({k: v for k, v in state.items() if "projector" not in k})',
-            f"projector = torch.nn.Sequential(torch.nn.Linear({features}, {hidden}), "
-            f"torch.nn.ReLU(), torch.nn.Linear({hidden}, {output}))",
+            "projector = torch.nn.Sequential(",
+            *[f"    {module}," for module in projector_layers],
+            ")",
             "projector.load_state_dict(",
             '    {k.removeprefix("projector."): v for k, v in state.items() if "projector" in k}',
             ")",
@@ -324,13 +396,10 @@ def describe_export(path, tensors: Mapping[str, np.ndarray]) -> str:
     backbone = "resnet50" if "layer1.0.conv3.weight" in tensors else "resnet18"  # Bottleneck
     stem = tensors["conv1.weight"].shape  # (width, 3, k, k)
     width, cifar_stem = stem[0], stem[-1] == 3
-    projector_shape = None
-    if "projector.0.weight" in tensors:
-        hidden, features = tensors["projector.0.weight"].shape
-        projector_shape = (features, hidden, tensors["projector.2.weight"].shape[0])
+    projector_layers = torch_projector_layers(tensors)
     what = (
         f"wrote {len(tensors)} tensors to {path}: {backbone} backbone, width {width}, "
-        f"{'CIFAR' if cifar_stem else 'ImageNet'} stem{', projector' if projector_shape else ''}."
+        f"{'CIFAR' if cifar_stem else 'ImageNet'} stem{', projector' if projector_layers else ''}."
     )
     if width == 64:
         how = f" Load it into torchvision.models.{backbone}() with:"
@@ -339,7 +408,7 @@ def describe_export(path, tensors: Mapping[str, np.ndarray]) -> str:
             f" torchvision.models.{backbone}() has width 64 and cannot load it; this rebuilds its"
             f" stem and stages at width {width} and loads it:"
         )
-    snippet = torchvision_loading_snippet(path, backbone, width, cifar_stem, projector_shape)
+    snippet = torchvision_loading_snippet(path, backbone, width, cifar_stem, projector_layers)
     return f"{what}{how}\n\n{snippet}"
 
 

@@ -23,8 +23,13 @@ place here (or in the module named):
     its fixed lr (SimSiam); LARS (BYOL) ............. `optimizers`
 
 Adding a framework is a config file when it is a mix of these parts; a new part (a loss, a kind of
-target) is one entry here. The state a method keeps (momentum encoder, queue) stays in the
-`TrainState` fields it always had, so checkpoints of earlier runs load unchanged.
+target) is one entry here. A method outside this family is another `Method` value, given to the
+step as `train_step.Components.method`: it declares its views, whether its heads are
+L2-normalised, which views its loss differentiates (what `memory` and
+`benchmarks/throughput.py` count) and its own state (`TrainState.method_state`, saved in every
+checkpoint); tests/test_methods.py trains a VICReg-style one through the step. The MoCo family's
+state is {momentum_params, momentum_batch_stats, queue, queue_ptr}, the four `TrainState`
+fields of earlier releases, whose checkpoints still restore (`TrainState.from_legacy_layout`).
 """
 
 from __future__ import annotations
@@ -44,12 +49,21 @@ def _l2_normalize(x):
 
 
 def encode(
-    model, params, batch_stats, images, *, groups: int = 1, train: bool = True, predict=False
+    model,
+    params,
+    batch_stats,
+    images,
+    *,
+    groups: int = 1,
+    train: bool = True,
+    predict=False,
+    normalize: bool = True,
 ):
     """One forward pass in train mode; BatchNorm statistics over `groups` equal sub-batches.
 
-    Returns (features, normalised projections, updated batch_stats), or with predict=True
-    (features, normalised projections, normalised predictions, updated batch_stats). groups > 1
+    Returns (features, projections, updated batch_stats), or with predict=True (features,
+    projections, predictions, updated batch_stats); the heads L2-normalised when `normalize`
+    (in float32), else as the model gives them. groups > 1
     mimics a multi-GPU PyTorch run without SyncBN: each sub-batch normalises with its own
     statistics, and the running statistics are the mean of the sub-batches' updates.
     """
@@ -62,7 +76,8 @@ def encode(
             predict=predict,
             mutable=["batch_stats"],
         )
-        return (features, *[_l2_normalize(h) for h in heads], updates["batch_stats"])
+        heads = [_l2_normalize(h) if normalize else h for h in heads]
+        return (features, *heads, updates["batch_stats"])
 
     if groups == 1:
         return apply(images)
@@ -147,28 +162,38 @@ LOSSES = {
 
 
 class Method(NamedTuple):
-    """The parts a framework contributes to the step, as pure functions of the state."""
+    """What a method asks of the step, and the parts it contributes, as pure functions.
 
-    # (rng, params, batch_stats) -> the TrainState fields of the method's extra state.
+    The step encodes `num_views` augmented views with the online encoder, one pass each, and
+    differentiates the loss through the passes of `backward_views` only (the others run for
+    their BatchNorm statistics and the probe's features); `method_state` is the pytree of
+    `init_state`, carried in the TrainState and its checkpoints.
+    """
+
+    num_views: int
+    # L2-normalise the projections and predictions before targets and loss (every contrastive
+    # and BYOL/SimSiam loss here); False hands the loss the raw heads (VICReg-style losses).
+    normalize_heads: bool
+    # Indices of the views whose online pass gets a backward pass.
+    backward_views: tuple[int, ...]
+    # (rng, params, batch_stats) -> method_state.
     init_state: Callable
-    # (state, (view1, view2), rng) -> ((k1, k2) momentum keys or None, momentum batch_stats).
+    # (method_state, views, rng) -> (momentum keys or None, method_state after those passes).
     momentum_keys: Callable
-    # ((z1, z2) online projections, momentum keys) -> (k1, k2): the targets of the loss.
+    # (online projections per view, momentum keys) -> the targets of the loss, per view.
     targets: Callable
-    # (state) -> the negatives shared by all anchors (the queue), or None (in-batch / none).
+    # (method_state) -> the negatives shared by all anchors (the queue), or None.
     negatives: Callable
-    # ((q1, q2), (k1, k2), negatives) -> scalar loss.
+    # (queries per view, targets per view, negatives) -> scalar loss.
     loss: Callable
-    # (step) -> the momentum encoder's EMA coefficient τ_m.
-    tau: Callable
-    # (step) -> the method's own metrics: τ_m where a momentum encoder acts, else nothing.
+    # (step) -> the method's own metrics (τ_m where a momentum encoder acts).
     metrics: Callable
-    # (state, new params, this step's keys) -> updated TrainState fields (EMA, queue).
+    # (method_state, step, new params, stop-gradient targets) -> method_state after the update.
     post_update: Callable
 
 
 def make_method(config, model, total_steps: int) -> Method:
-    """The method the config describes; `total_steps` spans the τ_m schedule."""
+    """The MoCo/SimCo/BYOL/SimSiam method the config describes; `total_steps` spans τ_m."""
     loss_spec = LOSSES[config.loss]
     groups = config.bn_groups
 
@@ -186,14 +211,14 @@ def make_method(config, model, total_steps: int) -> Method:
             queue_ptr=jnp.zeros((), jnp.int32),
         )
 
-    def _momentum_targets(state, views, rng):
+    def _momentum_targets(method_state, views, rng):
         """Keys from the momentum encoder, in train mode (its own BatchNorm statistics).
 
         Both views pass through it even for a one-way loss, which reads only k2: the official
         code does so, and view 1's pass moves the key encoder's BatchNorm running statistics,
         which an evaluation or export of the momentum encoder reads.
         """
-        params, stats = state.momentum_params, state.momentum_batch_stats
+        params, stats = method_state["momentum_params"], method_state["momentum_batch_stats"]
         keys = []
         for view, view_rng in zip(views, jax.random.split(rng), strict=True):
             if config.shuffle_bn:  # MoCo's ShuffleBN: sub-batches mix images across groups
@@ -202,10 +227,10 @@ def make_method(config, model, total_steps: int) -> Method:
             else:
                 _, k, stats = encode(model, params, stats, view, groups=groups)
             keys.append(jax.lax.stop_gradient(k))
-        return (keys[0], keys[1]), stats
+        return (keys[0], keys[1]), dict(method_state, momentum_batch_stats=stats)
 
-    def _no_momentum_targets(state, views, rng):
-        return None, state.momentum_batch_stats
+    def _no_momentum_targets(method_state, views, rng):
+        return None, method_state
 
     def _momentum_keys_as_targets(projections, momentum_keys):
         return momentum_keys
@@ -215,8 +240,8 @@ def make_method(config, model, total_steps: int) -> Method:
             return jax.lax.stop_gradient(projections)
         return projections  # SimCo: the keys are the online projections, with gradient
 
-    def _queue_negatives(state):
-        return jax.lax.stop_gradient(state.queue)
+    def _queue_negatives(method_state):
+        return jax.lax.stop_gradient(method_state["queue"])
 
     def loss(queries, keys, negatives):
         (q1, q2), (k1, k2) = queries, keys
@@ -233,24 +258,33 @@ def make_method(config, model, total_steps: int) -> Method:
             final_tau=config.final_tau_momentum,
         )
 
-    def post_update(state, params, keys):
+    def post_update(method_state, step, params, keys):
         updates = {}
         if config.momentum_encoder:  # EMA of parameters only; BN statistics come from its passes
-            t = tau(state.step)
+            t = tau(step)
             updates["momentum_params"] = jax.tree.map(
-                lambda m, o: t * m + (1.0 - t) * o, state.momentum_params, encoder_part(params)
+                lambda m, o: t * m + (1.0 - t) * o,
+                method_state["momentum_params"],
+                encoder_part(params),
             )
         if config.queue_size:  # after the loss: this step's keys were not its own negatives
-            updates["queue"], updates["queue_ptr"] = enqueue(state.queue, state.queue_ptr, keys)
-        return updates
+            updates["queue"], updates["queue_ptr"] = enqueue(
+                method_state["queue"], method_state["queue_ptr"], keys[1]
+            )
+        return dict(method_state, **updates)
 
+    # View 2's online pass is differentiated when the loss reads its query (symmetric) or when
+    # it is view 1's target with gradient (SimCo's one-way loss without a momentum encoder).
+    second_view_target = not config.momentum_encoder and not loss_spec.stop_gradient_targets
     return Method(
+        num_views=2,
+        normalize_heads=True,
+        backward_views=(0, 1) if config.symmetric or second_view_target else (0,),
         init_state=init_state,
         momentum_keys=_momentum_targets if config.momentum_encoder else _no_momentum_targets,
         targets=_momentum_keys_as_targets if config.momentum_encoder else _online_targets,
-        negatives=_queue_negatives if config.queue_size else (lambda state: None),
+        negatives=_queue_negatives if config.queue_size else (lambda method_state: None),
         loss=loss,
-        tau=tau,
         metrics=(lambda step: {"tau": tau(step)}) if config.momentum_encoder else (lambda step: {}),
         post_update=post_update,
     )

@@ -257,7 +257,11 @@ class Projector(nn.Module):
       and `projector.2` are `hidden` and `output`).
     - 'mlp_bn': Linear → BN → ReLU → Linear (BYOL, Grill et al. 2020, §3.3).
     - 'mlp3_bn': [Linear (no bias) → BN → ReLU] × 2 → Linear (no bias) → BN without affine
-      (SimSiam, Chen & He 2021, §4.1; solo-learn freezes that Linear's bias, which the BN cancels).
+      (SimSiam, Chen & He 2021, §4.1). solo-learn's last Linear has a bias that it freezes at its
+      random init: the BN after it cancels it in every output of training, and it shifts that
+      BN's running mean by (1 − 0.9^t)·bias after t steps, so an eval-mode projection differs
+      from this head's by 0.9^t·bias/σ (below float32's resolution after a few hundred steps).
+      The export writes that bias as zeros, which reproduces this head in torch exactly.
     """
 
     hidden_dim: int
@@ -289,17 +293,19 @@ class Predictor(nn.Module):
     """BYOL's/SimSiam's predictor on the online branch: Linear → BN → ReLU → Linear.
 
     BYOL (Grill et al. 2020, §3.3) and SimSiam (Chen & He 2021, §4.1) use the same shape: a
-    hidden layer of `hidden_dim` (BYOL 4096, SimSiam 512) back to the projection size. (SimSiam's
-    first Linear has no bias; the BatchNorm after it cancels one in training.)
+    hidden layer of `hidden_dim` (BYOL 4096, SimSiam 512) back to the projection size.
+    `hidden_bias`: the first Linear's bias, which solo-learn's SimSiam drops (the BatchNorm after
+    it cancels one in training, but a bias would shift its running mean).
     """
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
+    hidden_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         output_dim = x.shape[-1]
-        x = torch_linear(self.hidden_dim, output_dim, self.dtype, "hidden")(x)
+        x = _dense(self.hidden_dim, output_dim, self.dtype, "hidden", use_bias=self.hidden_bias)(x)
         x = nn.relu(_batch_norm(train, self.dtype, "hidden_bn")(x))
         x = torch_linear(output_dim, self.hidden_dim, self.dtype, "output")(x)
         return x.astype(jnp.float32)
@@ -322,6 +328,7 @@ class Encoder(nn.Module):
     stage_sizes: Sequence[int] | None = None
     projector: str = "mlp"
     pred_hidden_dim: int = 0  # 0: no predictor
+    pred_hidden_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool, predict: bool = False):
@@ -340,9 +347,10 @@ class Encoder(nn.Module):
             return features, projections
         if not self.pred_hidden_dim:
             raise ValueError("predict=True needs an Encoder with pred_hidden_dim > 0")
-        predictions = Predictor(self.pred_hidden_dim, self.dtype, name="predictor")(
-            projections, train
+        predictor = Predictor(
+            self.pred_hidden_dim, self.dtype, self.pred_hidden_bias, name="predictor"
         )
+        predictions = predictor(projections, train)
         return features, projections, predictions
 
 
@@ -359,7 +367,7 @@ class LinearProbe(nn.Module):
 
 def create_encoder(config, dtype: Dtype = jnp.float32) -> Encoder:
     """Encoder from config keys backbone, backbone_width, cifar_stem, proj_hidden_dim,
-    proj_output_dim, projector, predictor and pred_hidden_dim."""
+    proj_output_dim, projector, predictor, pred_hidden_dim and pred_hidden_bias."""
     backbone = config["backbone"]
     _check_backbone(backbone)
     return Encoder(
@@ -371,6 +379,7 @@ def create_encoder(config, dtype: Dtype = jnp.float32) -> Encoder:
         dtype=dtype,
         projector=config.get("projector", "mlp"),
         pred_hidden_dim=config["pred_hidden_dim"] if config.get("predictor", False) else 0,
+        pred_hidden_bias=config.get("pred_hidden_bias", True),
     )
 
 

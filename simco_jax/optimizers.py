@@ -1,6 +1,7 @@
 """The encoder's optimizer: SGD (the official SimCo/MoCo recipe) or LARS (solo-learn's BYOL).
 
-`config.optimizer` picks one; both take the learning-rate schedule as a function of the step.
+`config.optimizer` picks one for the encoder and, as solo-learn's parameter group of the online
+classifier, for the probe; both take the learning-rate schedule as a function of the step.
 """
 
 from __future__ import annotations
@@ -30,18 +31,31 @@ def make_optimizer(config, learning_rate, base_lr: float) -> optax.GradientTrans
     return _optimizer(config, learning_rate)
 
 
-def _optimizer(config, learning_rate) -> optax.GradientTransformation:
+def make_probe_optimizer(config, learning_rate) -> optax.GradientTransformation:
+    """The online classifier's optimizer at the schedule `learning_rate(step)`, no weight decay.
+
+    solo-learn trains the classifier inside the encoder's optimizer, as a parameter group of its
+    own lr and weight decay 0: under LARS its weight gets the (clipped) trust ratio, its bias is
+    exempt as a 1-d tensor (with `lars_exclude_bias_n_norm`); under SGD it is plain momentum SGD.
+    """
+    if config.optimizer == "lars":
+        return _optimizer(config, learning_rate, weight_decay=0.0)
+    return optax.sgd(learning_rate, momentum=config.momentum)
+
+
+def _optimizer(config, learning_rate, weight_decay=None) -> optax.GradientTransformation:
+    weight_decay = config.weight_decay if weight_decay is None else weight_decay
     if config.optimizer == "sgd":
         # Coupled weight decay (g + wd·θ, as torch.optim.SGD) on every encoder/projector parameter.
         return optax.chain(
-            optax.add_decayed_weights(config.weight_decay),
+            optax.add_decayed_weights(weight_decay),
             optax.sgd(learning_rate, momentum=config.momentum),
         )
     if config.optimizer == "lars":
         return lars(
             learning_rate,
             momentum=config.momentum,
-            weight_decay=config.weight_decay,
+            weight_decay=weight_decay,
             eta=config.lars_eta,
             clip_lr=config.lars_clip_lr,
             exclude_bias_n_norm=config.lars_exclude_bias_n_norm,

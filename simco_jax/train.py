@@ -139,7 +139,8 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     mesh = parallel.make_mesh()
     data = inputs.create(config, mesh)  # resident arrays or a per-process stream: see `inputs`
     # An analytic estimate: a batch too large for the device fails here, not after compiling.
-    memory.check_fits(config, data.num_classes, jax.device_count())
+    bank_rows = data.train_eval.num_examples  # the kNN monitor's bank
+    memory.check_fits(config, data.num_classes, jax.device_count(), bank_rows=bank_rows)
     steps_per_epoch = data.num_train // config.batch_size
     total_steps = _total_steps(config, steps_per_epoch)
 

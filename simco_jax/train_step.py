@@ -4,7 +4,7 @@ One function serves MoCo v2, SimMoCo, SimCo, BYOL, SimSiam and any mix of their 
 framework contributes (targets, negatives, loss, EMA, queue) is a `methods.Method` chosen from the
 config; the step below calls it in order and has no framework branches:
 
-    two views ──► online encoder (a separate pass per view: per-view BatchNorm statistics)
+    views ──► online encoder (a separate pass per view: per-view BatchNorm statistics)
     targets ◄── momentum encoder | online projections;   negatives ◄── queue | batch | none
     loss(queries, targets, negatives) → optimizer (SGD | LARS) → online probe → EMA, enqueue
 
@@ -14,6 +14,7 @@ Everything random is drawn from `fold_in(state.rng, state.step)`, and the data o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flax
@@ -26,10 +27,9 @@ from simco_jax import augment, methods, models, optimizers, schedules
 # Streams folded from the root key; stream 0 is the resident data order (`inputs.gather_batch`).
 _STEP_STREAM, _INIT_STREAM = 1, 2
 
-# The forward pass and MoCo's parts live in `methods`; these names stay importable from here.
-encode = methods.encode
-shuffled_encode = methods.shuffled_encode
-enqueue = methods.enqueue
+# The four fields the MoCo family's state had at the top of the TrainState before
+# `method_state`: checkpoints written then hold them there (`TrainState.from_legacy_layout`).
+LEGACY_METHOD_FIELDS = ("momentum_params", "momentum_batch_stats", "queue", "queue_ptr")
 
 
 @flax.struct.dataclass
@@ -40,13 +40,29 @@ class TrainState:
     params: Any  # online backbone, projector and (BYOL/SimSiam) predictor
     batch_stats: Any
     opt_state: Any
-    momentum_params: Any  # None without a momentum encoder
-    momentum_batch_stats: Any
-    queue: jax.Array  # (queue_size, proj_output_dim), rows are past keys; None without a queue
-    queue_ptr: jax.Array
+    # What the method keeps (`methods.Method.init_state`): for the MoCo family the momentum
+    # encoder's params and BatchNorm statistics (None without one), the queue of past keys
+    # (queue_size, proj_output_dim) (None without one) and its pointer.
+    method_state: Any
     probe_params: Any
     probe_opt_state: Any
     rng: jax.Array  # fixed root key; per-step keys are folded from it
+
+    def legacy_layout(self) -> dict | None:
+        """This state as checkpoints written before `method_state` laid it out: the method's
+        fields at the top level. Only the MoCo family's state has one."""
+        tree = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        method_state = tree.pop("method_state")
+        if not isinstance(method_state, dict) or set(method_state) != set(LEGACY_METHOD_FIELDS):
+            return None
+        return {**tree, **method_state}
+
+    @classmethod
+    def from_legacy_layout(cls, tree: dict) -> TrainState:
+        """The state of a checkpoint in the layout before `method_state`, values unchanged."""
+        tree = dict(tree)
+        method_state = {name: tree.pop(name) for name in LEGACY_METHOD_FIELDS}
+        return cls(**tree, method_state=method_state)
 
 
 class Components(NamedTuple):
@@ -86,8 +102,11 @@ def build_components(config, num_classes: int, steps_per_epoch: int) -> Componen
         return schedule
 
     lr = schedules.scaled_lr(config.lr, config.batch_size) if config.scale_lr else config.lr
+    classifier_lr = config.classifier_lr
+    if config.scale_classifier_lr:  # solo-learn scales it as the lr; the official SimCo does not
+        classifier_lr = schedules.scaled_lr(classifier_lr, config.batch_size)
     # The probe shares the schedule's shape (and absolute warm-up start), has no weight decay.
-    probe_tx = optax.sgd(lr_schedule(config.classifier_lr), momentum=config.momentum)
+    probe_tx = optimizers.make_probe_optimizer(config, lr_schedule(classifier_lr))
     model = models.create_encoder(config, dtype=resolve_dtype(config.dtype))
     total_steps = config.max_epochs * steps_per_epoch
     return Components(
@@ -119,11 +138,21 @@ def create_train_state(config, comps: Components, image_shape) -> TrainState:
         params=params,
         batch_stats=batch_stats,
         opt_state=comps.tx.init(params),
+        method_state=comps.method.init_state(method_rng, params, batch_stats),
         probe_params=probe_params,
         probe_opt_state=comps.probe_tx.init(probe_params),
         rng=rng,
-        **comps.method.init_state(method_rng, params, batch_stats),
     )
+
+
+def augment_views(rng, images, aug: augment.AugmentParams, num_views: int):
+    """`num_views` augmented views of the batch, each from its own key stream (two: the official
+    recipe's `augment.two_views`, which also takes a pair of host crops)."""
+    if num_views == 2:
+        return augment.two_views(rng, images, aug)
+    if isinstance(images, tuple):
+        raise ValueError(f"streamed host crops come as two views; the method asks {num_views}")
+    return tuple(augment.augment_view(key, images, aug) for key in jax.random.split(rng, num_views))
 
 
 def make_train_step(config, comps: Components):
@@ -131,28 +160,41 @@ def make_train_step(config, comps: Components):
     model, probe, method = comps.model, comps.probe, comps.method
     groups = config.bn_groups
     predict = bool(model.pred_hidden_dim)
+    backward_views = set(method.backward_views)
+    encode = methods.encode
 
     def train_step(state: TrainState, images, labels):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
         aug_rng, key_rng = jax.random.split(rng)
-        views = augment.two_views(aug_rng, images, comps.aug)
-        momentum_keys, momentum_stats = method.momentum_keys(state, views, key_rng)
-        negatives = method.negatives(state)
+        views = augment_views(aug_rng, images, comps.aug, method.num_views)
+        momentum_keys, method_state = method.momentum_keys(state.method_state, views, key_rng)
+        negatives = method.negatives(method_state)
 
         def loss_fn(params):
             # Separate passes: each view's BatchNorm statistics come from B images, not 2B.
             stats, features, projections, queries = state.batch_stats, [], [], []
-            for view in views:
-                f, z, *p, stats = encode(model, params, stats, view, groups=groups, predict=predict)
+            for index, view in enumerate(views):
+                # A view outside `backward_views` is forward-only (for its BatchNorm statistics
+                # and the probe's features): the method says so, memory.py counts it so.
+                view_params = params if index in backward_views else jax.lax.stop_gradient(params)
+                f, z, *p, stats = encode(
+                    model,
+                    view_params,
+                    stats,
+                    view,
+                    groups=groups,
+                    predict=predict,
+                    normalize=method.normalize_heads,
+                )
                 features.append(f)
                 projections.append(z)
                 queries.append(p[0] if predict else z)  # BYOL/SimSiam: the predictor's output
             keys = method.targets(tuple(projections), momentum_keys)
             loss = method.loss(tuple(queries), keys, negatives)
-            aux = (stats, jax.lax.stop_gradient(tuple(features)), jax.lax.stop_gradient(keys[1]))
+            aux = (stats, jax.lax.stop_gradient(tuple(features)), jax.lax.stop_gradient(keys))
             return loss, aux
 
-        (loss, (batch_stats, (f1, f2), new_keys)), grads = jax.value_and_grad(
+        (loss, (batch_stats, features, new_keys)), grads = jax.value_and_grad(
             loss_fn, has_aux=True
         )(state.params)
         updates, opt_state = comps.tx.update(grads, state.opt_state, state.params)
@@ -160,8 +202,8 @@ def make_train_step(config, comps: Components):
 
         # Online linear probe: labels reach only this classifier, through stop-gradient features.
         def probe_loss_fn(probe_params):
-            logits = probe.apply({"params": probe_params}, jnp.concatenate([f1, f2]))
-            targets = jnp.concatenate([labels, labels])
+            logits = probe.apply({"params": probe_params}, jnp.concatenate(features))
+            targets = jnp.concatenate([labels] * len(features))
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
             return ce, jnp.mean(jnp.argmax(logits, -1) == targets)
 
@@ -178,10 +220,10 @@ def make_train_step(config, comps: Components):
             params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
-            momentum_batch_stats=momentum_stats,
+            # EMA of the momentum encoder, enqueue (MoCo family).
+            method_state=method.post_update(method_state, state.step, params, new_keys),
             probe_params=probe_params,
             probe_opt_state=probe_opt_state,
-            **method.post_update(state, params, new_keys),  # EMA of the momentum encoder, enqueue
         )
         # Accuracies in percent, as the evaluations and the paper's tables; τ only where it acts.
         metrics = dict(

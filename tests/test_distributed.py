@@ -36,7 +36,13 @@ STEPS = OVERRIDES["max_steps"]
 # symmetric loss with gradient through both branches amplifies fastest; a real error (a wrong
 # BatchNorm reduction, a mis-gathered batch) moves it by O(1).
 RTOL, ATOL = 2e-4, 2e-5
-STATE_PARTS = ("params", "batch_stats", "momentum_params", "momentum_batch_stats", "probe_params")
+STATE_PARTS = (
+    "params",
+    "batch_stats",
+    "method_state/momentum_params",
+    "method_state/momentum_batch_stats",
+    "probe_params",
+)
 MOVED_RTOL = 2e-2
 
 
@@ -415,10 +421,10 @@ def _assert_trees_close(a, b, **tolerances):
 def test_group_batchnorm_equals_separate_sub_batches():
     model, params, batch_stats = _tiny_model()
     images = _images(8)
-    got = train_step.encode(model, params, batch_stats, images, groups=4)
+    got = methods.encode(model, params, batch_stats, images, groups=4)
     _assert_trees_close(got, _direct_group_bn(model, params, batch_stats, images, 4), atol=1e-5)
     # The default is one group: statistics over the global batch, which differ.
-    global_features = train_step.encode(model, params, batch_stats, images)[0]
+    global_features = methods.encode(model, params, batch_stats, images)[0]
     assert not np.allclose(global_features, got[0], atol=1e-3)
 
 
@@ -426,14 +432,14 @@ def test_shuffle_bn_equals_group_bn_of_the_permuted_batch_in_the_original_order(
     model, params, batch_stats = _tiny_model()
     images = _images(8)
     perm = jnp.array([5, 2, 7, 0, 3, 6, 1, 4])
-    keys, stats = train_step.shuffled_encode(model, params, batch_stats, images, perm, groups=2)
+    keys, stats = methods.shuffled_encode(model, params, batch_stats, images, perm, groups=2)
     # Direct: sub-batch 0 is images 5, 2, 7, 0; sub-batch 1 is images 3, 6, 1, 4.
     _, permuted_keys, direct_stats = _direct_group_bn(model, params, batch_stats, images[perm], 2)
     direct = np.zeros_like(permuted_keys)
     direct[np.asarray(perm)] = permuted_keys  # image perm[i]'s key is row i of the permuted run
     np.testing.assert_allclose(keys, direct, atol=1e-5)
     _assert_trees_close(stats, direct_stats, atol=1e-5)
-    unshuffled = train_step.encode(model, params, batch_stats, images, groups=2)[1]
+    unshuffled = methods.encode(model, params, batch_stats, images, groups=2)[1]
     assert not np.allclose(keys, unshuffled, atol=1e-3)  # the shuffle changes the statistics
 
 
@@ -474,11 +480,15 @@ def test_step_keys_under_shuffle_bn_are_the_direct_computation(monkeypatch):
     for perm in used:
         assert sorted(perm) == list(range(8)) and list(perm) != list(range(8))
         _, permuted_keys, _ = _direct_group_bn(
-            comps.model, state.momentum_params, state.momentum_batch_stats, view2[perm], 2
+            comps.model,
+            state.method_state["momentum_params"],
+            state.method_state["momentum_batch_stats"],
+            view2[perm],
+            2,
         )
         direct = np.zeros_like(permuted_keys)
         direct[perm] = permuted_keys
-        errors.append(np.abs(np.asarray(new_state.queue[:8]) - direct).max())
+        errors.append(np.abs(np.asarray(new_state.method_state["queue"][:8]) - direct).max())
     assert min(errors) < 1e-5 < max(errors), errors
 
 

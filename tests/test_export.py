@@ -267,6 +267,87 @@ def test_exported_weights_reproduce_flax_forward_in_torch_layout(tiny_export):
     np.testing.assert_allclose(projections, torch_projections, rtol=1e-4, atol=1e-5)
 
 
+# solo-learn's projectors as torch.nn.Sequential, layer by layer (solo/methods/{mocov2plus,byol,
+# simsiam}.py): "linear" has a bias, "linear_nobias" not; "bn_noaffine" has no weight or bias.
+SOLO_LEARN_PROJECTORS = {
+    "mlp": ("linear", "relu", "linear"),
+    "mlp_bn": ("linear", "bn", "relu", "linear"),
+    "mlp3_bn": (
+        *("linear_nobias", "bn", "relu"),
+        *("linear_nobias", "bn", "relu"),
+        *("linear", "bn_noaffine"),
+    ),
+}
+_LEAVES = {
+    "linear": ("weight", "bias"),
+    "linear_nobias": ("weight",),
+    "bn": ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
+    "bn_noaffine": ("running_mean", "running_var", "num_batches_tracked"),
+    "relu": (),
+}
+
+
+def _solo_learn_projector_eval(layers, tensors, x):
+    """The Sequential of `layers` in eval mode on the exported `projector.*` tensors (float64)."""
+    sd = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
+    for index, layer in enumerate(layers):
+        p = f"projector.{index}"
+        if layer == "relu":
+            x = np.maximum(x, 0)
+        elif layer.startswith("linear"):
+            x = x @ sd[f"{p}.weight"].T + sd.get(f"{p}.bias", 0.0)
+        else:
+            x = (x - sd[f"{p}.running_mean"]) / np.sqrt(sd[f"{p}.running_var"] + 1e-5)
+            if layer == "bn":
+                x = x * sd[f"{p}.weight"] + sd[f"{p}.bias"]
+    return x
+
+
+@pytest.mark.parametrize("kind", sorted(SOLO_LEARN_PROJECTORS))
+def test_every_projector_exports_in_torch_layer_order_with_its_batch_norm(kind, tmp_path):
+    assert set(SOLO_LEARN_PROJECTORS) == set(models.PROJECTORS)
+    model = models.Encoder(width=TINY_WIDTH, proj_hidden_dim=16, proj_output_dim=8, projector=kind)
+    x = jax.random.normal(jax.random.key(4), (3, 8, 8, 3))
+    variables = random_variables(model, x, seed=3)
+    path = tmp_path / f"{kind}.safetensors"
+    export.export_torch_state_dict(
+        variables["params"], variables["batch_stats"], path, include_projector=True
+    )
+    loaded = export.load_safetensors(path)
+    layers = SOLO_LEARN_PROJECTORS[kind]
+    names = [f"projector.{i}.{leaf}" for i, layer in enumerate(layers) for leaf in _LEAVES[layer]]
+    assert [n for n in loaded if n.startswith("projector.")] == names  # torch's state_dict order
+    features, projections = model.apply(variables, x, train=False)
+    np.testing.assert_allclose(
+        _solo_learn_projector_eval(layers, loaded, np.asarray(features, np.float64)),
+        projections,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    if kind == "mlp3_bn":  # solo-learn's frozen bias before the last BatchNorm: zeros
+        np.testing.assert_array_equal(loaded["projector.6.bias"], 0.0)
+    # The printed loading code builds the same Sequential.
+    modules = export.torch_projector_layers(loaded)
+    assert [m.split("(")[0].removeprefix("torch.nn.") for m in modules] == [
+        {"linear": "Linear", "linear_nobias": "Linear", "relu": "ReLU"}.get(layer, "BatchNorm1d")
+        for layer in layers
+    ]
+    assert [("bias=False" in m) for m in modules] == [la == "linear_nobias" for la in layers]
+    assert [("affine=False" in m) for m in modules] == [la == "bn_noaffine" for la in layers]
+
+
+def test_a_projector_without_a_torch_mapping_is_refused_before_writing(tmp_path):
+    model = models.Encoder(width=TINY_WIDTH, proj_hidden_dim=16, proj_output_dim=8)
+    variables = random_variables(model, jnp.zeros((1, 8, 8, 3)))
+    params = dict(variables["params"])
+    params["projector"] = {**params["projector"], "extra": params["projector"]["output"]}
+    with pytest.raises(ValueError, match="match no exportable head"):
+        export.export_torch_state_dict(
+            params, variables["batch_stats"], tmp_path / "x", include_projector=True
+        )
+    assert not any(tmp_path.iterdir())
+
+
 def test_export_rejects_mismatched_trees(tmp_path):
     model = models.make_backbone("resnet18", width=TINY_WIDTH)
     variables = random_variables(model, jnp.zeros((1, 8, 8, 3)))
@@ -391,10 +472,16 @@ def test_loading_snippet_names_the_constructor_and_widths(width, cifar_stem):
             assert layer in message
 
 
-@pytest.mark.parametrize("width, include_projector", [(4, False), (64, False), (8, True)])
-def test_printed_snippet_loads_the_export_into_torchvision(width, include_projector, tmp_path):
+@pytest.mark.parametrize(
+    "width, include_projector, kind",
+    [(4, False, "mlp"), (64, False, "mlp"), (8, True, "mlp"), (4, True, "mlp_bn")]
+    + [(4, True, "mlp3_bn")],
+)
+def test_printed_snippet_loads_the_export_into_torchvision(
+    width, include_projector, kind, tmp_path
+):
     """The code the export prints, run as printed: strict loads, and the Flax features."""
-    model = models.Encoder(width=width, proj_hidden_dim=16, proj_output_dim=8)
+    model = models.Encoder(width=width, proj_hidden_dim=16, proj_output_dim=8, projector=kind)
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
     variables = random_variables(model, x, seed=2)
     path = tmp_path / "encoder.safetensors"

@@ -114,12 +114,14 @@ def test_memory_check_names_the_largest_batch_that_fits():
     memory.check_fits(config, 10, num_devices=8)  # 5 per device: fits, no error
 
 
-def test_memory_check_is_skipped_where_the_device_reports_no_limit():
+def test_on_the_cpu_the_memory_check_uses_the_hosts_memory():
     config = imagenet_config("simco", "smoke", batch_size=10**6)
-    if (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"):
-        pytest.skip("this backend reports a memory limit")
-    assert memory.device_memory_bytes(config) is None
-    memory.check_fits(config, 10, num_devices=1)  # no limit known: no check, no error
+    if jax.default_backend() != "cpu":
+        pytest.skip("an accelerator reports its own memory limit")
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory.device_memory_bytes(config) == host // jax.local_device_count()
+    with pytest.raises(config_lib.ConfigError, match="batch_size=1000000"):
+        memory.check_fits(config, 10, num_devices=1)
 
 
 @pytest.mark.slow

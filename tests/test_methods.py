@@ -61,6 +61,29 @@ PINNED_STEPS = {
 PINNED_MOMENTUM = {"simmoco": 328.24802378269885, "mocov2": 328.25108124528765}
 PINNED_QUEUE = {"mocov2": 3.5287625499186106}
 
+# BYOL and SimSiam, the same two steps, recorded once they followed solo-learn (issue 21), which
+# changed their numbers: the classifier's lr is scaled by batch/256 (0.1 becomes 0.0125 at the
+# smoke batch of 32), BYOL's classifier trains inside LARS, SimSiam's predictor lost the bias of
+# its first Linear. (losses, probe losses, sums of params, batch_stats, probe, momentum params)
+PINNED_SOLO_LEARN_STEPS = {
+    "byol": (
+        [3.6171202659606934, 3.7399964332580566],
+        [2.5093188285827637, 2.491739273071289],
+        359.3480876347079,
+        309.77243205183186,
+        1.7063603708229493,
+        344.2517306413012,
+    ),
+    "simsiam": (
+        [-0.05739402398467064, -0.04052235931158066],
+        [2.5093188285827637, 2.47802996635437],
+        376.35609605766496,
+        333.31902490545923,
+        1.7063605307921534,
+        None,
+    ),
+}
+
 
 def _sum(tree):
     return float(sum(np.sum(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)))
@@ -90,11 +113,31 @@ def test_old_frameworks_take_bit_identical_steps(framework):
     assert _sum(state.params) == params_sum
     assert _sum(state.batch_stats) == stats_sum
     if framework in PINNED_MOMENTUM:
-        assert _sum(state.momentum_params) == PINNED_MOMENTUM[framework]
+        assert _sum(state.method_state["momentum_params"]) == PINNED_MOMENTUM[framework]
     else:
-        assert state.momentum_params is None
+        assert state.method_state["momentum_params"] is None
     if framework in PINNED_QUEUE:
-        assert _sum(state.queue) == PINNED_QUEUE[framework]
+        assert _sum(state.method_state["queue"]) == PINNED_QUEUE[framework]
+
+
+@pytest.mark.parametrize("framework", sorted(PINNED_SOLO_LEARN_STEPS))
+def test_byol_and_simsiam_take_pinned_steps(framework):
+    _, state, step, images, labels = _setup(framework_config(framework))
+    losses_seen, probe_losses = [], []
+    for _ in range(2):
+        state, metrics = step(state, images, labels)
+        losses_seen.append(float(metrics["loss"]))
+        probe_losses.append(float(metrics["probe_loss"]))
+    momentum = state.method_state["momentum_params"]
+    got = (
+        losses_seen,
+        probe_losses,
+        _sum(state.params),
+        _sum(state.batch_stats),
+        _sum(state.probe_params),
+        None if momentum is None else _sum(momentum),
+    )
+    assert got == PINNED_SOLO_LEARN_STEPS[framework]
 
 
 @pytest.mark.slow
@@ -238,12 +281,13 @@ def test_byol_state_momentum_encoder_without_predictor_and_a_step_moves_it():
     config = framework_config("byol", base_tau_momentum=0.5, final_tau_momentum=0.5)
     comps, state, step, images, labels = _setup(config)
     assert "predictor" in state.params and "predictor" in state.batch_stats
-    assert sorted(state.momentum_params) == ["backbone", "projector"]
+    assert sorted(state.method_state["momentum_params"]) == ["backbone", "projector"]
     assert "hidden_bn" in state.batch_stats["projector"]  # BYOL's projector has BatchNorm
     new_state, metrics = step(state, images, labels)
     assert np.isfinite(float(metrics["loss"]))
     # EMA with τ = 0.5 of the old target and the new online weights.
-    old, new = state.momentum_params["projector"], new_state.momentum_params["projector"]
+    old = state.method_state["momentum_params"]["projector"]
+    new = new_state.method_state["momentum_params"]["projector"]
     online = new_state.params["projector"]
     jax.tree.map(
         lambda m, o, n: np.testing.assert_allclose(n, 0.5 * m + 0.5 * o, rtol=1e-6),
@@ -263,8 +307,11 @@ def test_simsiam_projector_ends_in_batch_norm_without_affine():
     projector = state.params["projector"]
     assert sorted(projector) == ["hidden", "hidden2", "hidden2_bn", "hidden_bn", "output"]
     assert "bias" not in projector["hidden"] and "bias" not in projector["output"]
+    # solo-learn's predictor: Linear(bias=False) → BN → ReLU → Linear (with bias).
+    assert sorted(state.params["predictor"]["hidden"]) == ["kernel"]
+    assert sorted(state.params["predictor"]["output"]) == ["bias", "kernel"]
     assert "output_bn" in state.batch_stats["projector"]  # statistics only, no scale/bias
-    assert state.momentum_params is None and state.queue is None
+    assert state.method_state["momentum_params"] is None and state.method_state["queue"] is None
 
 
 @pytest.mark.parametrize(
@@ -489,3 +536,121 @@ def test_checkpoints_from_before_the_seam_resume_and_other_methods_are_refused()
     changed.evals.knn.every_steps = 3
     refused, accepted = checkpointing.changes(now, checkpointing.compatibility_record(changed, 10))
     assert refused == {} and set(accepted) == {"log_every_epochs", "evals"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The seam holds a method outside the MoCo family.
+# ---------------------------------------------------------------------------------------------
+
+
+def _vicreg_loss(projections):
+    """VICReg (Bardes et al. 2022) on raw projections: invariance between consecutive views,
+    variance hinge and covariance penalty per view, weights 25, 25, 1."""
+
+    def variance(z):
+        return jnp.mean(jax.nn.relu(1.0 - jnp.sqrt(jnp.var(z, axis=0) + 1e-4)))
+
+    def covariance(z):
+        z = z - z.mean(axis=0)
+        c = z.T @ z / (z.shape[0] - 1)
+        return jnp.sum((c - jnp.diag(jnp.diag(c))) ** 2) / z.shape[1]
+
+    pairs = zip(projections[:-1], projections[1:], strict=True)
+    invariance = jnp.mean(jnp.stack([jnp.mean((a - b) ** 2) for a, b in pairs]))
+    regular = jnp.mean(jnp.stack([25.0 * variance(z) + covariance(z) for z in projections]))
+    return 25.0 * invariance + regular
+
+
+def _vicreg_method(dim: int) -> methods.Method:
+    """A test-only method the MoCo-shaped seam could not hold: three views, un-normalised heads
+    and a state of its own (an EMA of view 1's per-dimension std, a collapse monitor)."""
+
+    def post_update(method_state, step, params, targets):
+        std = jnp.std(targets[0], axis=0)
+        return dict(std_ema=0.9 * method_state["std_ema"] + 0.1 * std, updates=step + 1)
+
+    return methods.Method(
+        num_views=3,
+        normalize_heads=False,
+        backward_views=(0, 1, 2),
+        init_state=lambda rng, params, batch_stats: dict(
+            std_ema=jnp.ones((dim,)), updates=jnp.zeros((), jnp.int32)
+        ),
+        momentum_keys=lambda method_state, views, rng: (None, method_state),
+        targets=lambda projections, momentum_keys: projections,
+        negatives=lambda method_state: None,
+        loss=lambda queries, targets, negatives: _vicreg_loss(queries),
+        metrics=lambda step: {},
+        post_update=post_update,
+    )
+
+
+def test_a_vicreg_style_method_trains_through_the_real_step():
+    config = framework_config("simco")
+    dataset = sources.load_dataset(config)
+    comps = train_step.build_components(config, dataset.num_classes, 8)
+    comps = comps._replace(method=_vicreg_method(config.proj_output_dim))
+    state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
+    assert sorted(state.method_state) == ["std_ema", "updates"]
+    step = jax.jit(train_step.make_train_step(config, comps))
+    images = jnp.asarray(dataset.train_images[: config.batch_size])
+    labels = jnp.asarray(dataset.train_labels[: config.batch_size], jnp.int32)
+
+    # The first step's loss is VICReg's on the raw projections of three views.
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, train_step._STEP_STREAM), 0)
+    views = train_step.augment_views(jax.random.split(rng)[0], images, comps.aug, 3)
+    stats, raw = state.batch_stats, []
+    for view in views:
+        _, z, stats = methods.encode(comps.model, state.params, stats, view, normalize=False)
+        raw.append(z)
+    assert not np.allclose(jnp.linalg.norm(raw[0], axis=-1), 1.0, atol=0.05)  # not unit rows
+
+    first = state
+    seen = []
+    for _ in range(3):
+        new_state, metrics = step(state, images, labels)
+        seen.append(float(metrics["loss"]))
+        changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
+        assert all(jax.tree.leaves(changed))
+        state = new_state
+    np.testing.assert_allclose(seen[0], float(_vicreg_loss(raw)), rtol=1e-5)
+    assert np.all(np.isfinite(seen)) and int(state.method_state["updates"]) == 3
+    # The method's own state moved as its post_update says (step 1: from view 1's raw heads).
+    one_step, _ = step(first, images, labels)
+    np.testing.assert_allclose(
+        one_step.method_state["std_ema"], 0.9 + 0.1 * np.std(raw[0], axis=0), rtol=1e-5
+    )
+    # The probe saw all three views' features.
+    assert float(metrics["probe_loss"]) > 0
+
+
+@pytest.mark.parametrize(
+    "framework, overrides, views",
+    [
+        ("mocov2", {}, (0,)),  # one-way, momentum keys
+        ("simmoco", {}, (0,)),
+        ("simco", {}, (0, 1)),  # symmetric
+        ("simco", dict(symmetric=False), (0, 1)),  # one-way SimCo: its target has gradient
+        ("simsiam", dict(symmetric=False), (0,)),  # one-way with stop-gradient targets
+        ("byol", {}, (0, 1)),
+        ("simsiam", {}, (0, 1)),
+    ],
+)
+def test_backward_views_are_the_views_the_loss_differentiates(framework, overrides, views):
+    """The method's declaration (what memory.py and the throughput benchmark count) is the
+    gradient's own answer: a view outside it gets no gradient through its query or target."""
+    config = framework_config(framework, **overrides)
+    method = methods.make_method(config, None, 10)
+    assert method.backward_views == views and method.num_views == 2 and method.normalize_heads
+    rng = np.random.default_rng(0)
+    unit = lambda *shape: methods._l2_normalize(jnp.asarray(rng.normal(size=shape), jnp.float32))
+    q1, q2, z1, z2, k1, k2 = (unit(6, 5) for _ in range(6))
+    negatives = unit(8, 5) if config.queue_size else None
+
+    def loss(q1, q2, z1, z2):
+        return method.loss((q1, q2), method.targets((z1, z2), (k1, k2)), negatives)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q1, q2, z1, z2)
+    for view in (0, 1):
+        reached = any(bool(jnp.any(g != 0)) for g in (grads[view], grads[2 + view]))
+        assert reached == (view in views), view

@@ -517,9 +517,10 @@ def test_the_whole_step_runs_under_x64():
             state, images, labels
         )
         assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
-        assert int(new_state.queue_ptr) == config.batch_size
-        assert not np.array_equal(new_state.queue[:32], state.queue[:32])
-        np.testing.assert_array_equal(new_state.queue[32:], state.queue[32:])
+        new, old = new_state.method_state, state.method_state
+        assert int(new["queue_ptr"]) == config.batch_size
+        assert not np.array_equal(new["queue"][:32], old["queue"][:32])
+        np.testing.assert_array_equal(new["queue"][32:], old["queue"][32:])
     finally:
         jax.config.update("jax_enable_x64", previous)
 
@@ -527,7 +528,7 @@ def test_the_whole_step_runs_under_x64():
 def test_one_way_key_encoder_sees_both_views_as_the_official_code():
     # MoCo v2 / SimMoCo read only k2, but the official code runs the key encoder on both views:
     # its BatchNorm running statistics are those of view 1's pass followed by view 2's.
-    from simco_jax import augment, train_step
+    from simco_jax import augment, methods, train_step
 
     config = framework_config("simmoco", "smoke")
     comps, state, images, labels = _one_step_setup(config)
@@ -535,12 +536,14 @@ def test_one_way_key_encoder_sees_both_views_as_the_official_code():
 
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, train_step._STEP_STREAM), state.step)
     view1, view2 = augment.two_views(jax.random.split(rng)[0], images, comps.aug)
-    stats = state.momentum_batch_stats
+    stats = state.method_state["momentum_batch_stats"]
     for view in (view1, view2):
-        _, _, stats = train_step.encode(comps.model, state.momentum_params, stats, view)
+        _, _, stats = methods.encode(
+            comps.model, state.method_state["momentum_params"], stats, view
+        )
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        new_state.momentum_batch_stats,
+        new_state.method_state["momentum_batch_stats"],
         stats,
     )
 

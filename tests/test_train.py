@@ -10,7 +10,7 @@ import pytest
 from helpers import FRAMEWORKS, framework_config, run_python
 from test_progress import TRAIN_LINE
 
-from simco_jax import checkpointing, data, sources, train, train_step, writers
+from simco_jax import checkpointing, data, methods, sources, train, train_step, writers
 
 
 def _tiny(framework="simco", **overrides):
@@ -92,16 +92,17 @@ def test_momentum_update_of_params_only(tau, expect):
     config = _tiny("simmoco", base_tau_momentum=tau, final_tau_momentum=tau)
     state, step, (images, labels) = _setup(config)
     new_state, _ = step(state, images, labels)
-    target = new_state.params if expect == "online" else state.momentum_params
-    jax.tree.map(np.testing.assert_array_equal, new_state.momentum_params, target)
+    target = new_state.params if expect == "online" else state.method_state["momentum_params"]
+    momentum = new_state.method_state["momentum_params"]
+    jax.tree.map(np.testing.assert_array_equal, momentum, target)
     # The online parameters did move, so the check above is not vacuous.
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_state.params, state.params)
     assert any(jax.tree.leaves(moved))
     # The key encoder's BatchNorm statistics come from its own forward passes, not from the EMA.
     changed = jax.tree.map(
         lambda a, b: bool(jnp.any(a != b)),
-        new_state.momentum_batch_stats,
-        state.momentum_batch_stats,
+        new_state.method_state["momentum_batch_stats"],
+        state.method_state["momentum_batch_stats"],
     )
     assert all(jax.tree.leaves(changed))
 
@@ -114,7 +115,7 @@ def test_queue_holds_the_last_k_keys_in_order():
     for i in range(size // batch + 2):
         keys = jnp.full((batch, 3), float(i)) + jnp.arange(batch)[:, None] / 10
         pushed.append(keys)
-        queue, ptr = train_step.enqueue(queue, ptr, keys)
+        queue, ptr = methods.enqueue(queue, ptr, keys)
     last = np.concatenate(pushed)[-size:]
     # Read the ring from the oldest slot: exactly the last K keys, oldest first.
     np.testing.assert_array_equal(np.roll(np.asarray(queue), -int(ptr), axis=0), last)
@@ -125,12 +126,12 @@ def test_train_step_enqueues_this_steps_keys():
     config = _tiny("mocov2", queue_size=64)
     state, step, (images, labels) = _setup(config)
     steps = 64 // config.batch_size + 2
-    history = [np.asarray(state.queue)]
+    history = [np.asarray(state.method_state["queue"])]
     for _ in range(steps):
         state, _ = step(state, images, labels)
-        history.append(np.asarray(state.queue))
+        history.append(np.asarray(state.method_state["queue"]))
     b = config.batch_size
-    assert int(state.queue_ptr) == (steps * b) % 64
+    assert int(state.method_state["queue_ptr"]) == (steps * b) % 64
     # Each step rewrote exactly one slot of B rows with unit-norm keys and left the rest alone.
     for i in range(1, steps + 1):
         slot = slice(((i - 1) * b) % 64, ((i - 1) * b) % 64 + b)

@@ -60,7 +60,7 @@ def snippet(directory):
         features = net(_nchw(np.load(os.path.join(directory, "x.npy"))))
         np.save(os.path.join(directory, "features.npy"), features.numpy())
         if "projector" in namespace:
-            projections = namespace["projector"](features)
+            projections = namespace["projector"].eval()(features)
             np.save(os.path.join(directory, "projections.npy"), projections.numpy())
 
 

@@ -1,0 +1,64 @@
+"""The memory estimate reads the method's own answer about backward passes."""
+
+import pytest
+from helpers import framework_config
+
+from simco_jax import memory, methods
+
+# Full width at 32 px: the activations, not the augmentation, set the per-image term.
+WIDE = dict(backbone_width=64, crop_size=32, synthetic_image_size=32)
+
+
+def _activation_views(framework, **overrides):
+    """Per-image bytes of the backward passes, in units of one view's activations."""
+    config = framework_config(framework, **WIDE, **overrides)
+    _, per_image = memory.step_terms(config, 10)
+    crop = config.crop_size**2 * 3 * 4
+    assert per_image > memory.AUG_IMAGE_COPIES * crop  # the activations' term is the max
+    return per_image - 2 * crop, config
+
+
+def test_one_way_simco_without_momentum_encoder_counts_both_backward_passes():
+    one_view, _ = _activation_views("simmoco")  # one-way, momentum keys: view 1 only
+    one_way_simco, config = _activation_views("simco", symmetric=False)
+    assert not config.symmetric and not config.momentum_encoder
+    assert one_way_simco == 2 * one_view  # its target, view 2's projection, has gradient
+    assert _activation_views("simco")[0] == 2 * one_view  # symmetric
+
+
+@pytest.mark.parametrize(
+    "framework, overrides",
+    [("mocov2", {}), ("simco", dict(symmetric=False)), ("simsiam", dict(symmetric=False))],
+)
+def test_the_estimate_counts_the_methods_backward_views(framework, overrides):
+    both_views, _ = _activation_views(framework, symmetric=True)  # the same encoder, two views
+    got, config = _activation_views(framework, **overrides)
+    assert 2 * got == len(methods.make_method(config, None, 1).backward_views) * both_views
+
+
+def test_an_eval_batch_that_cannot_fit_is_refused_before_training(tmp_path):
+    """An eval_batch_size inside its domain whose evaluation needs more than the device has is
+    refused before anything trains, as the train batch is (not a bad_alloc after training)."""
+    from simco_jax import config as config_lib
+    from simco_jax import train
+
+    config = framework_config("simco", device_memory_gb=0.25, eval_batch_size=2**20)
+    fixed, per_image = memory.eval_terms(config, 10, num_devices=1, bank_rows=256)
+    assert memory.SAFETY * (fixed + 2**20 * per_image) > 0.25 * 2**30  # too large
+    assert memory.SAFETY * (fixed + 64 * per_image) < 0.25 * 2**30  # the smoke value fits
+    with pytest.raises(config_lib.ConfigError, match=r"eval_batch_size=1048576 needs about"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
+    memory.check_fits(framework_config("simco", device_memory_gb=0.25), 10, 1, bank_rows=256)
+
+
+def test_the_knn_bank_and_its_scores_count_only_when_the_knn_monitor_is_on():
+    on = framework_config("simco", **WIDE)
+    off = framework_config("simco", **WIDE, knn_every_epochs=0)
+    fixed_on, per_on = memory.eval_terms(on, 10, num_devices=2, bank_rows=1000)
+    fixed_off, per_off = memory.eval_terms(off, 10, num_devices=2, bank_rows=1000)
+    rows = 500  # per device
+    assert per_on - per_off == memory.KNN_SCORE_COPIES * rows * 4
+    assert fixed_on - fixed_off == rows * (512 * 4 + 4)  # ResNet-18 features, float32, labels
