@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from simco_jax import checkpointing, data, linear_eval, parallel, train, workdir
+from simco_jax import checkpointing, data, linear_eval, loop, parallel, train, workdir
 from simco_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,7 +49,7 @@ EXPECTED_ERRORS = (
     data.DataError,
     checkpointing.CheckpointError,
     checkpointing.CheckpointSaveError,
-    train.NonFiniteLossError,
+    loop.NonFiniteLossError,
     workdir.WorkdirLockError,
 )
 

@@ -146,7 +146,7 @@ class Checkpointer:
         )
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "record", "input")
+                self.directory, options=options, item_names=("state", "record", "input", "metrics")
             )
         except OSError as error:
             raise self._save_error("checkpoints", error) from error
@@ -154,8 +154,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state) -> None:
-        """Saves `state` as `step`; a step already saved (a preemption right after a regular
+    def save(self, step: int, state, *, metrics: dict | None = None) -> None:
+        """Saves `state` as `step`, with `metrics` (JSON: the values fetched since the last log
+        point, see `loop`) if given; a step already saved (a preemption right after a regular
         checkpoint) is left as it is. Raises CheckpointSaveError (one line: the path and the OS
         error) when this save cannot be written, or when the previous, asynchronous one failed."""
         if step in self.manager.all_steps():
@@ -169,9 +170,21 @@ class Checkpointer:
             items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record))
             if self.input_position is not None:
                 items["input"] = ocp.args.JsonSave(self.input_position(step))
+            if metrics is not None:
+                items["metrics"] = ocp.args.JsonSave(metrics)
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:  # noqa: BLE001
             raise self._save_error(f"the checkpoint of step {step}", error) from error
+
+    def restore_metrics(self, step: int) -> dict | None:
+        """The `metrics` saved with `step`; None where there are none (checkpoints written
+        before they were saved)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "metrics")):
+            return None
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore())
+        )
+        return dict(restored["metrics"])
 
     def _preflight(self, step: int, state) -> None:
         """A write probe and a free-space check, so that a read-only directory or a full disk
