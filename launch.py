@@ -110,9 +110,9 @@ def main(argv):
     logging.getLogger("simco_jax").setLevel(logging.INFO)
     try:
         if "pretrained" in _CONFIG.value:  # configs/linear_eval.py: evaluate a finished run
-            linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-            return
-        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            summary = linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+        else:
+            summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except EXPECTED_ERRORS as error:
         _fail(str(error))
     except KeyboardInterrupt:  # a second Ctrl-C: the first one's checkpoint may not exist
