@@ -213,29 +213,26 @@ linear_eval.evaluate_checkpoint(config, sys.argv[2])
 """
 
 
-def test_linear_eval_resumes_after_sigkill_as_if_uninterrupted(pretrained, tmp_path):
-    # 16 steps of 8 per epoch, logged at 8 and 16, checkpointed at 6, 12 and 16.
-    keys = dict(mode="linear", linear_epochs=2, linear_max_steps=-1, checkpoint_every_steps=6)
+# 16 steps of 8 per epoch, logged at 8 and 16, checkpointed at 6, 12 and 16.
+INTERRUPTED = dict(mode="linear", linear_epochs=2, linear_max_steps=-1, checkpoint_every_steps=6)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pretrained, tmp_path_factory):
+    """The evaluation the interrupted ones must end equal to: its workdir and results."""
     workdir, _ = pretrained
-    full = linear_eval.evaluate_checkpoint(_linear_config(workdir, **keys), str(tmp_path / "full"))
+    out = tmp_path_factory.mktemp("uninterrupted")
+    results = linear_eval.evaluate_checkpoint(_linear_config(workdir, **INTERRUPTED), str(out))
+    return out, results
 
-    run = tmp_path / "run"
-    script = _KILLED_AT_12.replace("{KEYS}", repr(keys))
-    killed = run_python(["-c", script, workdir, str(run)], check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert sorted(os.listdir(run / "checkpoints")) == ["6"]
-    assert [r["step"] for r in writers.read_metrics(str(run))] == [8]  # logged past step 6
-    assert (run / "lock.0").exists()  # left by the kill; its PID is gone
 
-    resumed = linear_eval.evaluate_checkpoint(_linear_config(workdir, **keys), str(run))
+def _assert_same_as_uninterrupted(uninterrupted, run, results):
+    full, full_results = uninterrupted
     drop = ("wall_s",)
-    assert {k: v for k, v in resumed["linear"].items() if k not in drop} == {
-        k: v for k, v in full["linear"].items() if k not in drop
+    assert {k: v for k, v in results["linear"].items() if k not in drop} == {
+        k: v for k, v in full_results["linear"].items() if k not in drop
     }
-    (step, state), (full_step, full_state) = (
-        _saved_classifier(run),
-        _saved_classifier(tmp_path / "full"),
-    )
+    (step, state), (full_step, full_state) = _saved_classifier(run), _saved_classifier(full)
     assert step == full_step == 16
     jax.tree.map(np.testing.assert_array_equal, state, full_state)
     timing = ("images_per_s", "eta_s")
@@ -244,8 +241,44 @@ def test_linear_eval_resumes_after_sigkill_as_if_uninterrupted(pretrained, tmp_p
         lines = (directory / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in lines]
 
-    assert records(run) == records(tmp_path / "full")
+    assert records(run) == records(full)
+
+
+def test_linear_eval_resumes_after_sigkill_as_if_uninterrupted(pretrained, uninterrupted, tmp_path):
+    workdir, _ = pretrained
+    run = tmp_path / "run"
+    script = _KILLED_AT_12.replace("{KEYS}", repr(INTERRUPTED))
+    killed = run_python(["-c", script, workdir, str(run)], check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(os.listdir(run / "checkpoints")) == ["6"]
+    assert [r["step"] for r in writers.read_metrics(str(run))] == [8]  # logged past step 6
+    assert (run / "lock.0").exists()  # left by the kill; its PID is gone
+
+    resumed = linear_eval.evaluate_checkpoint(_linear_config(workdir, **INTERRUPTED), str(run))
+    _assert_same_as_uninterrupted(uninterrupted, run, resumed)
     assert sorted(os.listdir(run / "configs")) == ["0.json", "6.json"]
+
+
+def test_linear_eval_checkpoints_on_sigterm_and_resumes(
+    pretrained, uninterrupted, tmp_path, monkeypatch
+):
+    workdir, _ = pretrained
+    run = tmp_path / "run"
+    save = checkpointing.Checkpointer.save
+
+    def save_then_preempt(self, step, state, **kwargs):
+        save(self, step, state, **kwargs)
+        if step == 6:  # between two log points
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_preempt)
+    stopped = linear_eval.evaluate_checkpoint(_linear_config(workdir, **INTERRUPTED), str(run))
+    assert stopped == {"preempted": signal.SIGTERM}
+    assert sorted(os.listdir(run / "checkpoints")) == ["6"]
+    assert not (run / "linear_eval.json").exists() and not (run / "lock.0").exists()
+    monkeypatch.undo()
+    resumed = linear_eval.evaluate_checkpoint(_linear_config(workdir, **INTERRUPTED), str(run))
+    _assert_same_as_uninterrupted(uninterrupted, run, resumed)
 
 
 def test_linear_eval_refuses_a_workdir_in_use_and_touches_nothing(pretrained, tmp_path):
