@@ -19,7 +19,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from simco_jax import checkpointing, data, domains, linear_eval, parallel, train, workdir, writers
+from simco_jax import (
+    checkpointing,
+    data,
+    domains,
+    linear_eval,
+    loop,
+    parallel,
+    train,
+    workdir,
+    writers,
+)
 from simco_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,7 +62,7 @@ EXPECTED_ERRORS = (
     data.DataError,
     checkpointing.CheckpointError,
     checkpointing.CheckpointSaveError,
-    train.NonFiniteLossError,
+    loop.NonFiniteLossError,
     workdir.WorkdirLockError,
     writers.MetricsWriteError,
 )
@@ -183,9 +193,9 @@ def main(argv):
     logging.getLogger("simco_jax").setLevel(logging.INFO)
     try:
         if "pretrained" in _CONFIG.value:  # configs/linear_eval.py: evaluate a finished run
-            linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-            return
-        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            summary = linear_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+        else:
+            summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except EXPECTED_ERRORS as error:
         _fail(str(error))
     except OSError as error:

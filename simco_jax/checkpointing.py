@@ -10,7 +10,11 @@ latest checkpoint that cannot be read (truncated, corrupted) is skipped with a w
 one before it, and moved to `unreadable_checkpoints/` next to the checkpoint directory so that
 its step can be saved again (one warning line each). A save that cannot be written (full disk,
 read-only directory) raises `CheckpointSaveError` naming the path and the OS error; a
-`checkpoints` path that is not a directory raises `CheckpointError` before anything is loaded."""
+`checkpoints` path that is not a directory raises `CheckpointError` before anything is loaded.
+
+`restore_run(workdir)` is the one place that rebuilds a training run's model and TrainState from
+its workdir (config.json + checkpoints), the way the trainer does on resume; the linear
+evaluation, the export and the notebooks use it."""
 
 from __future__ import annotations
 
@@ -24,11 +28,16 @@ import sys
 import time
 import traceback
 import zlib
+from typing import Any, NamedTuple
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from simco_jax import config as config_lib
+from simco_jax import parallel, train_step
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +201,7 @@ class Checkpointer:
         )
         try:
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "record", "input")
+                self.directory, options=options, item_names=("state", "record", "input", "metrics")
             )
         except OSError as error:
             raise self._save_error("checkpoints", error) from error
@@ -200,8 +209,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state) -> None:
-        """Saves `state` as `step`; a step already saved (a preemption right after a regular
+    def save(self, step: int, state, *, metrics: dict | None = None) -> None:
+        """Saves `state` as `step`, with `metrics` (JSON: the values fetched since the last log
+        point, see `loop`) if given; a step already saved (a preemption right after a regular
         checkpoint) is left as it is. Raises CheckpointSaveError (one line: the path and the OS
         error) when this save cannot be written, or when the previous, asynchronous one failed."""
         if step in self.manager.all_steps():
@@ -215,9 +225,21 @@ class Checkpointer:
             items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(self.record))
             if self.input_position is not None:
                 items["input"] = ocp.args.JsonSave(self.input_position(step))
+            if metrics is not None:
+                items["metrics"] = ocp.args.JsonSave(metrics)
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:  # noqa: BLE001
             raise self._save_error(f"the checkpoint of step {step}", error) from error
+
+    def restore_metrics(self, step: int) -> dict | None:
+        """The `metrics` saved with `step`; None where there are none (checkpoints written
+        before they were saved)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "metrics")):
+            return None
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore())
+        )
+        return dict(restored["metrics"])
 
     def _preflight(self, step: int, state) -> None:
         """A write probe and a free-space check, so that a read-only directory or a full disk
@@ -356,3 +378,92 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook.quiet_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+# --------------------------------------------------------------------------------------------
+# Restoring a training run from its workdir.
+# --------------------------------------------------------------------------------------------
+
+
+class RestoredRun(NamedTuple):
+    config: ml_collections.ConfigDict  # the run's training config (from config.json)
+    state: train_step.TrainState  # its latest readable checkpoint
+    step: int
+    num_classes: int  # of the data set it trained on (its online probe's width)
+    comps: train_step.Components
+    mesh: Any
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The training config a run wrote to WORKDIR/config.json, on today's defaults."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"{workdir} is not a training run's workdir: it has no config.json (a run writes it "
+            "when it starts)"
+        )
+    with open(path) as f:
+        saved = json.load(f)
+    config = config_lib.base_config()
+    for key, value in saved.items():
+        if key not in config:
+            log.warning("ignoring key %r of %s (not in today's schema)", key, path)
+            continue
+        config[key] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def run_progress(workdir: str) -> tuple[int, int | None]:
+    """(the step of a training run's newest readable checkpoint, the run's total steps, or None
+    where its record does not say), from the checkpoint's JSON record; nothing else is loaded."""
+    config = load_run_config(workdir)
+    step, record = latest_record(os.path.join(workdir, "checkpoints"))
+    if record is None:
+        raise CheckpointError(f"{workdir} has no readable checkpoint")
+    if "steps_per_epoch" not in record:
+        return step, None
+    total = config.max_epochs * record["steps_per_epoch"]
+    return step, min(total, config.max_steps) if config.max_steps > 0 else total
+
+
+def _saved_num_classes(ckpt: Checkpointer, directory: str) -> int:
+    """The class count recorded with the newest checkpoint (no data set needs loading)."""
+    for step in sorted(ckpt.manager.all_steps(), reverse=True):
+        try:
+            record = ckpt.manager.restore(
+                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+            )["record"]
+            return int(record["num_classes"])
+        except Exception as error:  # noqa: BLE001 - unreadable: restore_latest decides later
+            log.warning("cannot read the record of step %d (%s)", step, error)
+    raise CheckpointError(f"no readable checkpoint in {directory}")
+
+
+def restore_run(workdir: str) -> RestoredRun:
+    """Rebuilds a run's model and restores its latest TrainState, as the trainer does on resume.
+
+    As on resume, an unreadable latest checkpoint is skipped with a warning (and set aside by
+    `Checkpointer`) for the one before it.
+    """
+    config = load_run_config(workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{workdir} has no checkpoints/ directory")
+    ckpt = Checkpointer(directory, {}, max_to_keep=config.keep_checkpoints)
+    try:
+        num_classes = _saved_num_classes(ckpt, directory)
+        ckpt.record = compatibility_record(config, num_classes)
+        mesh = parallel.make_mesh()
+        comps = train_step.build_components(config, num_classes, steps_per_epoch=1)
+        image_shape = (config.crop_size, config.crop_size, 3)  # only the channel count matters
+        template = jax.jit(
+            lambda: train_step.create_train_state(config, comps, image_shape),
+            out_shardings=parallel.replicated(mesh),
+        )()
+        state = ckpt.restore_latest(template)
+    finally:
+        ckpt.close()
+    if state is None:
+        raise CheckpointError(f"no readable checkpoint in {directory}")
+    step = int(parallel.to_host(state.step))
+    return RestoredRun(config, state, step, num_classes, comps, mesh)

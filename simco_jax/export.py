@@ -414,9 +414,9 @@ def describe_export(path, tensors: Mapping[str, np.ndarray]) -> str:
 
 def export_run(workdir, out, *, include_projector: bool = False) -> dict[str, np.ndarray]:
     """Restores a training run's latest checkpoint and exports its online encoder to `out`."""
-    from simco_jax import linear_eval  # the one place that restores a run from its workdir
+    from simco_jax import checkpointing  # the one place that restores a run from its workdir
 
-    run = linear_eval.restore_run(workdir)
+    run = checkpointing.restore_run(workdir)
     params = jax.tree.map(np.asarray, run.state.params)
     batch_stats = jax.tree.map(np.asarray, run.state.batch_stats)
     return export_torch_state_dict(

@@ -1,11 +1,13 @@
-"""Offline evaluation of a pretrained run: linear classifier on frozen features, and a kNN.
+"""Offline evaluation of a pretrained run: a linear classifier on frozen features, and a kNN.
 
-`restore_run(workdir)` is the one place that rebuilds a run's model and TrainState from its
-workdir (config.json + Orbax checkpoints), the way train.py does; the linear evaluation, the
-export CLI and the notebooks use it. `evaluate_checkpoint(config, workdir)` runs solo-learn's
-linear protocol (frozen backbone in inference mode, RandomResizedCrop + flip views, SGD) and the
-kNN monitor of training, and writes linear_eval.json / knn_eval.json beside the checkpoint and in
-`workdir`. The config is `configs/linear_eval.py` (its keys: `default_config`).
+`evaluate_checkpoint(config, workdir)` runs solo-learn's linear protocol (frozen backbone in
+inference mode, RandomResizedCrop + flip views, SGD) and the kNN monitor of training on the
+latest checkpoint of `config.pretrained` (restored by `checkpointing.restore_run`), and writes
+linear_eval.json / knn_eval.json into `workdir` and beside the pretrained run's checkpoints. It
+is a second setup of the trainer's loop (`loop.Loop`): the classifier trains in its own
+`workdir`, which it locks, with checkpoints (every epoch, at the end, on SIGTERM or Ctrl-C) that
+a rerun of the same command resumes from, bit for bit. The config is `configs/linear_eval.py`
+(its keys: `default_config`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,21 @@ import json
 import logging
 import os
 import time
-import types
-from typing import Any, NamedTuple
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from simco_jax import (
     augment,
     checkpointing,
     evaluate,
     inputs,
+    loop,
     models,
     parallel,
     progress,
@@ -36,17 +38,34 @@ from simco_jax import (
     writers,
 )
 from simco_jax import config as config_lib
+from simco_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
 MODES = ("linear", "knn", "both")
 SCHEDULES = ("cosine", "step", "constant")
+# The keys that define the classifier's training: a rerun that changes one of them is refused
+# (the others, e.g. mode, knn_k, eval_dataset, linear_max_steps, may change on resume).
+STATE_KEYS = (
+    "pretrained",
+    "linear_epochs",
+    "linear_lr",
+    "linear_batch_size",
+    "linear_momentum",
+    "linear_weight_decay",
+    "linear_schedule",
+    "linear_min_scale",
+    "seed",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The linear-evaluation keys (solo-learn's CIFAR linear protocol by default)."""
     c = ml_collections.ConfigDict()
     c.pretrained = ""  # the pretraining run's --workdir (holds config.json and checkpoints/)
+    # A run whose training has not reached its last step is refused unless this is set (its
+    # latest checkpoint is evaluated then).
+    c.allow_unfinished = False
     c.mode = "both"  # 'linear' | 'knn' | 'both'
     c.linear_epochs = 100
     c.linear_lr = 0.1  # at linear_batch_size, not scaled
@@ -56,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.linear_schedule = "cosine"  # 'step': ×0.1 at 60 % and 80 % of the steps (solo-learn's)
     c.linear_min_scale = 0.08  # RandomResizedCrop scale (min, 1); horizontal flip p = 0.5
     c.linear_max_steps = -1  # > 0 stops early (tests); the schedule still spans linear_epochs
+    c.checkpoint_every_steps = -1  # <= 0: every epoch; plus at the end and on SIGTERM/Ctrl-C
+    c.keep_checkpoints = 2
     c.knn_k = 200
     c.knn_temperature = 0.1
     c.eval_batch_size = 1024
@@ -84,6 +105,9 @@ SEAM = config_lib.Seam(
         "linear_schedule": config_lib.one_of(*SCHEDULES),
         "linear_min_scale": config_lib.real(0.0, 1.0, open_lo=True),
         "linear_max_steps": config_lib.DOMAINS["max_steps"],
+        "allow_unfinished": config_lib.BOOL,
+        "checkpoint_every_steps": config_lib.integer(),  # <= 0: every epoch
+        "keep_checkpoints": config_lib.COUNT,
         "knn_k": config_lib.COUNT,
         "knn_temperature": config_lib.DOMAINS["knn_temperature"],
         "eval_batch_size": config_lib.DOMAINS["eval_batch_size"],
@@ -101,86 +125,6 @@ def validate(config) -> None:
     config_lib.check(config, [SEAM], what="linear_eval")
 
 
-# --------------------------------------------------------------------------------------------
-# Restoring a run from its workdir.
-# --------------------------------------------------------------------------------------------
-
-
-class RestoredRun(NamedTuple):
-    config: ml_collections.ConfigDict  # the run's training config (from config.json)
-    state: train_step.TrainState  # its latest readable checkpoint
-    step: int
-    num_classes: int  # of the data set it trained on (its online probe's width)
-    comps: train_step.Components
-    mesh: Any
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The training config a run wrote to WORKDIR/config.json, on today's defaults."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: --config.pretrained must be a training run's --workdir"
-        )
-    with open(path) as f:
-        saved = json.load(f)
-    config = config_lib.base_config()
-    for key, value in saved.items():
-        if key not in config:
-            log.warning("ignoring key %r of %s (not in today's schema)", key, path)
-            continue
-        config[key] = tuple(value) if isinstance(value, list) else value
-    return config
-
-
-def _saved_num_classes(ckpt: checkpointing.Checkpointer, directory: str) -> int:
-    """The class count recorded with the newest checkpoint (no data set needs loading)."""
-    for step in sorted(ckpt.manager.all_steps(), reverse=True):
-        try:
-            record = ckpt.manager.restore(
-                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
-            )["record"]
-            return int(record["num_classes"])
-        except Exception as error:  # noqa: BLE001 - unreadable: restore_latest decides later
-            log.warning("cannot read the record of step %d (%s)", step, error)
-    raise checkpointing.CheckpointError(f"no readable checkpoint in {directory}")
-
-
-def restore_run(workdir: str) -> RestoredRun:
-    """Rebuilds a run's model and restores its latest TrainState, as train.py does on resume.
-
-    As on resume, an unreadable latest checkpoint is skipped with a warning (and set aside by
-    `Checkpointer`) for the one before it.
-    """
-    config = load_run_config(workdir)
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise checkpointing.CheckpointError(f"{workdir} has no checkpoints/ directory")
-    ckpt = checkpointing.Checkpointer(directory, {}, max_to_keep=config.keep_checkpoints)
-    try:
-        num_classes = _saved_num_classes(ckpt, directory)
-        ckpt.record = checkpointing.compatibility_record(config, num_classes)
-        mesh = parallel.make_mesh()
-        comps = train_step.build_components(config, num_classes, steps_per_epoch=1)
-        image_shape = (config.crop_size, config.crop_size, 3)  # only the channel count matters
-        template = jax.jit(
-            lambda: train_step.create_train_state(config, comps, image_shape),
-            out_shardings=parallel.replicated(mesh),
-        )()
-        state = ckpt.restore_latest(template)
-    finally:
-        ckpt.close()
-    if state is None:
-        raise checkpointing.CheckpointError(f"no readable checkpoint in {directory}")
-    step = int(parallel.to_host(state.step))
-    return RestoredRun(config, state, step, num_classes, comps, mesh)
-
-
-# --------------------------------------------------------------------------------------------
-# Linear evaluation.
-# --------------------------------------------------------------------------------------------
-
-
 def linear_schedule(config, total_steps: int):
     lr = config.linear_lr
     if config.linear_schedule == "cosine":
@@ -191,29 +135,84 @@ def linear_schedule(config, total_steps: int):
     return optax.constant_schedule(lr)
 
 
-def _train_linear(
-    config, run: RestoredRun, data, evaluator, workdir: str, *, knn_follows: bool = False
-) -> dict:
-    """Trains a fresh linear classifier on frozen features; returns top-1/top-5 and a summary.
+# --------------------------------------------------------------------------------------------
+# Checks before anything is written.
+# --------------------------------------------------------------------------------------------
 
-    `data` (from `inputs.create` at the linear batch size, scale and seed) feeds the steps:
-    resident rows gathered and cropped on the device, or streamed host crops (view 1).
-    """
-    mesh, model = run.mesh, run.comps.model
-    batch = config.linear_batch_size
-    num_train = data.num_train
-    steps_per_epoch = num_train // batch
-    if steps_per_epoch == 0:
+
+def _inside(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_workdir(config, workdir: str) -> None:
+    """The evaluation's workdir never holds, nor is, its pretrained run's root or one of the
+    run's own directories (its config.json, checkpoints and metrics would be overwritten); a
+    subdirectory of the run (e.g. PRETRAINED/linear) is fine."""
+    ours, run = os.path.realpath(workdir), os.path.realpath(config.pretrained)
+    reserved = [os.path.join(run, name) for name in ("checkpoints", "configs", "tensorboard")]
+    if _inside(run, ours) or any(_inside(ours, r) for r in reserved):
+        where = "is" if ours == run else "holds" if _inside(run, ours) else "is inside a folder of"
         raise config_lib.ConfigError(
-            f"linear_batch_size={batch} exceeds the {num_train} training images"
+            f"--workdir={workdir} {where} the pretrained run's workdir {config.pretrained}; the "
+            "evaluation's config.json, metrics and checkpoints must not mix with the run's: use "
+            f"another directory, e.g. {os.path.join(config.pretrained, 'linear')}"
         )
-    schedule_steps = config.linear_epochs * steps_per_epoch
-    total_steps = schedule_steps
-    if config.linear_max_steps > 0:
-        total_steps = min(schedule_steps, config.linear_max_steps)
-    # Frozen backbone: only crop and flip (solo-learn's linear protocol), no colour jitter.
-    aug = augment.AugmentParams.from_config(run.config)
-    aug = augment.AugmentParams(
+
+
+def check_finished(config) -> int:
+    """The pretrained run's latest step; refuses a run that has not finished training unless
+    `config.allow_unfinished`."""
+    step, total = checkpointing.run_progress(config.pretrained)
+    if total is not None and step < total and not config.allow_unfinished:
+        raise config_lib.ConfigError(
+            f"{config.pretrained} has not finished training (its latest checkpoint is step "
+            f"{step} of {total}): rerun its training command to finish it, or pass "
+            "--config.allow_unfinished=true to evaluate step "
+            f"{step}"
+        )
+    return step
+
+
+def _writable(path: str) -> bool:
+    """Whether `path`, or where it would be created, can be written by this process."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _results_directories(config, workdir: str) -> list:
+    """Where the JSON results go: `workdir`, and the pretrained run if it can be written."""
+    if not _writable(workdir):
+        raise config_lib.ConfigError(
+            f"cannot write to --workdir={workdir!r} (permission denied or read-only); pass a "
+            "writable directory"
+        )
+    if _writable(config.pretrained):
+        return [config.pretrained, workdir]
+    log.warning("%s cannot be written: the results go to %s only", config.pretrained, workdir)
+    return [workdir]
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier's state and step.
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class LinearState:
+    """The linear classifier's training, as one pytree (what a checkpoint holds)."""
+
+    step: jax.Array
+    params: Any  # the classifier's
+    opt_state: Any
+    rng: jax.Array  # the crops' key and the resident order's, from config.seed
+
+
+def _linear_augment(run_config, config) -> augment.AugmentParams:
+    """Frozen backbone: only crop and flip (solo-learn's linear protocol), no colour jitter."""
+    aug = augment.AugmentParams.from_config(run_config)
+    return augment.AugmentParams(
         crop_size=aug.crop_size,
         min_scale=config.linear_min_scale,
         max_scale=1.0,
@@ -223,108 +222,53 @@ def _train_linear(
         mean=aug.mean,
         std=aug.std,
     )
-    classifier = models.LinearProbe(data.num_classes)
-    tx = optax.chain(
-        optax.add_decayed_weights(config.linear_weight_decay),
-        optax.sgd(linear_schedule(config, schedule_steps), momentum=config.linear_momentum),
-    )
-    replicated = parallel.replicated(mesh)
-    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
-    feature_dim = models.feature_dim(run.config.backbone, run.config.backbone_width)
-    rng = jax.random.PRNGKey(config.seed)
-    params = jax.jit(
-        lambda: classifier.init(jax.random.fold_in(rng, 1), jnp.zeros((1, feature_dim)))["params"],
-        out_shardings=replicated,
-    )()
-    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
 
-    def step_fn(params, opt_state, step, variables, batch_data):
-        # The resident order is drawn from this rng, as the pretraining's from its state's.
-        order = types.SimpleNamespace(step=step, rng=rng)
-        images, targets = data.train.select(order, batch_data, 0)
+
+def make_linear_step(model, classifier, tx, aug):
+    """(state, (frozen backbone variables, images), labels) -> (state, metrics): one SGD step
+    of the classifier on the frozen backbone's inference-mode features of a cropped view."""
+
+    def step(state: LinearState, inputs, targets):
+        frozen, images = inputs
         crop = not isinstance(images, tuple)  # streamed: two host crops, the first one serves
         images = images if crop else images[0]
-        views = augment.augment_view(jax.random.fold_in(rng, step), images, aug, crop)
-        features, _ = model.apply(variables, views, train=False)  # frozen, inference-mode BN
+        views = augment.augment_view(jax.random.fold_in(state.rng, state.step), images, aug, crop)
+        features, _ = model.apply(frozen, views, train=False)  # frozen, inference-mode BN
         features = jax.lax.stop_gradient(features.astype(jnp.float32))
 
-        def loss_fn(p):
-            logits = classifier.apply({"params": p}, features)
+        def loss_fn(params):
+            logits = classifier.apply({"params": params}, features)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
             return ce, jnp.mean(jnp.argmax(logits, -1) == targets)
 
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        return new_state, {"linear_loss": loss, "linear_train_top1": 100.0 * accuracy}
 
-    step_jit = jax.jit(
-        step_fn,
-        in_shardings=(replicated,) * 4 + (data.train.sharding,),
-        out_shardings=(replicated,) * 4,
-        donate_argnums=(0, 1),
-    )
-    main = parallel.is_main_process()
-    writer = writers.MetricWriter(workdir, enabled=main)
-    rate = progress.Rate()
-    task = progress.Task(
-        "linear eval", total_steps, enabled=main, status="(the first steps compile)"
-    )
-    losses, accuracies = [], []
-    shown = ""  # the last logged loss and accuracy
-    knn_images = data.num_train + data.test.num_examples if knn_follows else 0
+    return step
 
-    def status(done):
-        """ETA: the steps left at the measured rate (compile left out), plus the test-set
-        evaluation (and the kNN's encoding of both sets, when it follows) at the same rate per
-        image: an upper bound, as an evaluation image is one clean forward pass."""
-        per_s, epoch = rate.per_s, f"epoch {done / steps_per_epoch:.2f}/{config.linear_epochs}"
-        if per_s is None:
-            return f"{epoch} | ? img/s | ETA ?{shown}"
-        images_left = data.test.num_examples + knn_images
-        eta = (total_steps - done) / per_s + images_left / (per_s * batch)
-        return f"{epoch} | {per_s * batch:.1f} img/s | ETA {progress.format_eta(eta)}{shown}"
 
-    try:
-        for step in range(total_steps):
-            params, opt_state, loss, accuracy = step_jit(
-                params, opt_state, np.int32(step), variables, data.train.batches(step)
-            )
-            if losses:  # the display follows the step before: one stays queued on the device
-                jax.block_until_ready(losses[-1])
-                rate.update(step)
-                task.update(step, status(step))
-            losses.append(loss)
-            accuracies.append(accuracy)
-            if (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps:
-                loss_mean = float(np.mean(parallel.to_host(losses)))
-                acc_mean = 100 * float(np.mean(parallel.to_host(accuracies)))
-                writer.write(step + 1, {"linear_loss": loss_mean, "linear_train_top1": acc_mean})
-                shown = f" | loss {loss_mean:.4f} train_top1 {acc_mean:.2f}"
-                rate.update(step + 1)
-                task.update(step + 1, status(step + 1), line=True)
-                losses, accuracies = [], []
-        task.close()
-        report = progress.EvalProgress("test-set eval", enabled=main)
-        try:
-            results = evaluator.probe_accuracy(run.state.replace(probe_params=params), report)
-        finally:
-            report.close()
-        writer.write(total_steps, results)
-    finally:
-        task.close()
-        writer.close()
-    return {
-        "top1": results["probe_top1"],
-        "top5": results["probe_top5"],
-        "eval_examples": results["probe_examples"],  # test images scored: the test set's size
-        "final_loss": loss_mean,
-        "final_train_top1": acc_mean,
-        "steps": total_steps,
-        "epochs": total_steps / steps_per_epoch,
-        "lr": config.linear_lr,
-        "batch_size": batch,
-        "schedule": config.linear_schedule,
-    }
+class _ClassifierEvaluator:
+    """The trained classifier's top-1/top-5 on the test set (written as probe_*)."""
+
+    def __init__(self, features: evaluate.FeatureBackend, backbone):
+        self.features, self.backbone = features, backbone  # the pretrained state
+
+    def run(self, state, report) -> dict:
+        return self.features.probe_topk(self.backbone.replace(probe_params=state.params), report)
+
+
+class _KnnEvaluator:
+    def __init__(self, features: evaluate.FeatureBackend, backbone):
+        self.features, self.backbone = features, backbone
+
+    def run(self, state, report) -> dict:
+        return self.features.knn_topk(self.backbone, report)
 
 
 def _device_description() -> str:
@@ -332,7 +276,7 @@ def _device_description() -> str:
     return f"{jax.device_count()}x {getattr(device, 'device_kind', device.platform)}"
 
 
-def _write_json(payload: dict, *directories: str, name: str) -> None:
+def _write_json(payload: dict, directories, name: str) -> None:
     if not parallel.is_main_process():
         return
     for directory in directories:
@@ -340,19 +284,65 @@ def _write_json(payload: dict, *directories: str, name: str) -> None:
             json.dump(payload, f, indent=2, sort_keys=True)
 
 
+def _last_logged(workdir: str, summary: dict) -> dict:
+    """The classifier's last logged loss and accuracy: this run's, or (a rerun of a finished
+    evaluation, which trains no step) metrics.jsonl's."""
+    if "linear_loss" in summary or not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return summary
+    logged = [r for r in writers.read_metrics(workdir) if "linear_loss" in r]
+    return logged[-1] if logged else summary
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation.
+# --------------------------------------------------------------------------------------------
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """Linear and/or kNN evaluation of `config.pretrained`'s latest checkpoint.
 
-    Writes linear_eval.json / knn_eval.json into the pretrained workdir and into `workdir`, and
-    returns {'linear': {...}, 'knn': {...}} for the modes run.
+    Writes linear_eval.json / knn_eval.json into `workdir` and into the pretrained workdir (if it
+    can be written), and returns {'linear': {...}, 'knn': {...}} for the modes run, or
+    {'preempted': signal} when SIGTERM or Ctrl-C stopped the classifier's training (after a
+    checkpoint that a rerun resumes from).
     """
+    # ---------------------------------------------------------------- checks (nothing written)
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    if parallel.is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    run = restore_run(config.pretrained)
-    # The evaluation settings on top of the pretrained run's (data, crop, normalisation).
+    check_workdir(config, workdir)
+    check_finished(config)
+    directories = _results_directories(config, workdir)
+    record = checkpointing.compatibility_record(config)
+    record = {k: record[k] for k in STATE_KEYS}
+    record["pretrained"] = os.path.realpath(config.pretrained)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    saved_step, saved = checkpointing.latest_record(ckpt_dir)
+    if saved is not None:
+        refused, _ = checkpointing.changes(saved, record)
+        if refused:
+            raise checkpointing.incompatible(os.path.abspath(ckpt_dir), saved_step, refused)
+    # An existing workdir is locked at once (a second evaluation is refused before loading).
+    lock = None
+    if os.path.isdir(workdir):
+        lock = workdir_lib.WorkdirLock(workdir, jax.process_index())
+    try:
+        with loop.stop_signals() as stop_signal:
+            run = checkpointing.restore_run(config.pretrained)
+            data, eval_config = _inputs(config, run)
+            if lock is None:  # every check passed: the workdir is made now
+                os.makedirs(workdir, exist_ok=True)
+                lock = workdir_lib.WorkdirLock(workdir, jax.process_index())
+            return _evaluate(
+                config, workdir, run, data, eval_config, record, directories, stop_signal
+            )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _inputs(config, run):
+    """The linear classifier's inputs (its own batch size, crop scale, epochs and order seed;
+    the run's seed stays: synthetic data is generated from it), and the evaluation config: the
+    evaluation settings on top of the pretrained run's (data, crop, normalisation)."""
     eval_config = ml_collections.ConfigDict(run.config.to_dict())
     eval_config.update(
         knn_k=config.knn_k,
@@ -362,8 +352,6 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     )
     if config.eval_dataset is not None:
         eval_config.eval_dataset = config.eval_dataset
-    # The linear classifier's input: its own batch size, crop scale, epochs and order seed (the
-    # run's seed stays: synthetic data is generated from it).
     input_config = ml_collections.ConfigDict(eval_config.to_dict())
     input_config.update(
         batch_size=config.linear_batch_size,
@@ -373,9 +361,146 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         max_steps=config.linear_max_steps,
     )
     data = inputs.create(input_config, run.mesh, order_seed=config.seed)
-    evaluator = evaluate.FeatureBackend(
-        eval_config, run.comps.model, models.LinearProbe(data.num_classes), data, run.mesh
+    if data.num_train // config.linear_batch_size == 0:
+        data.close()
+        raise config_lib.ConfigError(
+            f"linear_batch_size={config.linear_batch_size} exceeds the {data.num_train} "
+            "training images"
+        )
+    return data, eval_config
+
+
+def _evaluate(config, workdir, run, data, eval_config, record, directories, stop_signal) -> dict:
+    main = parallel.is_main_process()
+    mesh, model = run.mesh, run.comps.model
+    replicated = parallel.replicated(mesh)
+    linear, knn = config.mode in ("linear", "both"), config.mode in ("knn", "both")
+    steps_per_epoch = data.num_train // config.linear_batch_size
+    schedule_steps = config.linear_epochs * steps_per_epoch
+    total_steps = schedule_steps if linear else 0
+    if linear and config.linear_max_steps > 0:
+        total_steps = min(schedule_steps, config.linear_max_steps)
+
+    # ---------------------------------------------------------------- classifier and state
+    classifier = models.LinearProbe(data.num_classes)
+    tx = optax.chain(
+        optax.add_decayed_weights(config.linear_weight_decay),
+        optax.sgd(linear_schedule(config, schedule_steps), momentum=config.linear_momentum),
     )
+    feature_dim = models.feature_dim(run.config.backbone, run.config.backbone_width)
+
+    def init():
+        rng = jax.random.PRNGKey(config.seed)
+        params = classifier.init(jax.random.fold_in(rng, 1), jnp.zeros((1, feature_dim)))
+        params = params["params"]
+        return LinearState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+
+    state = jax.jit(init, out_shardings=replicated)()
+    record.update(
+        pretrained_step=run.step,
+        num_classes=data.num_classes,
+        steps_per_epoch=steps_per_epoch,
+        train_data=data.identity,
+    )
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        record,
+        max_to_keep=config.keep_checkpoints,
+        input_position=data.train.position,
+    )
+    try:
+        restored = ckpt.restore_latest(state)
+    except checkpointing.CheckpointError:
+        ckpt.close()
+        data.close()
+        raise
+    state = state if restored is None else restored
+    start_step = int(parallel.to_host(state.step))
+    if main:
+        workdir_lib.write_config(workdir, config, start_step)
+        log.info(
+            "evaluating %s at step %d on %s; %s",
+            config.pretrained,
+            run.step,
+            data.name,
+            f"resumed at step {start_step}" if start_step else "fresh start",
+        )
+
+    # ---------------------------------------------------------------- jitted chunk of steps
+    dispatch_steps = train_step.steps_per_dispatch(run.config) if data.train.fuses_steps else 1
+
+    def select(state, chunk_data, i):
+        # The frozen variables ride with the batch: an argument, not a constant of the program.
+        frozen, batch = chunk_data
+        images, labels = data.train.select(state, batch, i)
+        return (frozen, images), labels
+
+    step_fn = make_linear_step(model, classifier, tx, _linear_augment(run.config, config))
+    chunk = jax.jit(
+        # `select` gives every step its batch: the chunk needs no training config.
+        train_step.make_train_chunk(None, None, step_fn, chunk_size=dispatch_steps, select=select),
+        in_shardings=(replicated, (replicated, data.train.sharding), None),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    frozen = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+
+    # ---------------------------------------------------------------- evaluators
+    features = evaluate.FeatureBackend(
+        eval_config, run.comps.model, models.LinearProbe(data.num_classes), data, mesh
+    )
+    evaluators, evaluations = {}, {}
+    if linear:
+        evaluators["probe"] = _ClassifierEvaluator(features, run.state)
+        evaluations["probe"] = ([total_steps], data.test.num_examples)
+    if knn:
+        evaluators["knn"] = _KnnEvaluator(features, run.state)
+        evaluations["knn"] = ([total_steps], data.num_train + data.test.num_examples)
+
+    # ---------------------------------------------------------------- loop
+    checkpoint_every = config.checkpoint_every_steps
+    linear_loop = loop.Loop(
+        lambda state, step, stop_at: chunk(
+            state, (frozen, data.train.batches(step)), np.int32(stop_at)
+        ),
+        dispatch_steps=dispatch_steps,
+        total_steps=total_steps,
+        periods=loop.Periods(
+            epoch=steps_per_epoch,
+            log=steps_per_epoch,
+            checkpoint=checkpoint_every if checkpoint_every > 0 else steps_per_epoch,
+            evals={name: 0 for name in evaluators},  # after the last step only
+        ),
+        ckpt=ckpt,
+        writer=writers.MetricWriter(workdir, enabled=main, resume_step=start_step),
+        display=progress.LoopProgress(
+            "linear eval",
+            total_steps=total_steps,
+            start_step=start_step,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=config.linear_batch_size,
+            max_epochs=config.linear_epochs,
+            evaluations=evaluations,
+            shown=(("linear_loss", "loss", ".4f"), ("linear_train_top1", "train_top1", ".2f")),
+            enabled=main,
+        ),
+        stop_signal=stop_signal,
+        evaluators=evaluators,
+        advice="Lower linear_lr.",
+    )
+    start = time.perf_counter()
+    try:
+        state, summary = linear_loop.run(state, start_step)
+        if summary.get("preempted"):
+            return {"preempted": summary["preempted"]}
+        results, step = {}, summary["step"]
+        for name in evaluators:  # one at a time, so each one's wall time is its own
+            results[name] = (linear_loop.evaluate(state, step, [name]), time.perf_counter())
+    finally:
+        data.close()
+        linear_loop.close()
+
+    # ---------------------------------------------------------------- results
     common = {
         "pretrained": os.path.abspath(config.pretrained),
         "pretrained_step": run.step,
@@ -383,45 +508,47 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         "eval_dataset": eval_config.eval_dataset or data.name,
         "device": _device_description(),
     }
-    log.info("evaluating %s at step %d on %s", config.pretrained, run.step, data.name)
-    results = {}
-    if config.mode in ("linear", "both"):
-        start = time.perf_counter()
-        linear = _train_linear(
-            config, run, data, evaluator, workdir, knn_follows=config.mode == "both"
-        )
-        linear.update(common, wall_s=time.perf_counter() - start)
-        _write_json(linear, config.pretrained, workdir, name="linear_eval.json")
-        log.info(
-            "linear eval: top-1 %.2f top-5 %.2f on %d test images",
-            linear["top1"],
-            linear["top5"],
-            linear["eval_examples"],
-        )
-        results["linear"] = linear
-    if config.mode in ("knn", "both"):
-        start = time.perf_counter()
-        report = progress.EvalProgress("kNN eval", enabled=parallel.is_main_process())
-        try:
-            knn = evaluator.knn_accuracy(run.state, report)
-        finally:
-            report.close()
-        knn = {
-            "top1": knn["knn_top1"],
-            "top5": knn["knn_top5"],
-            "eval_examples": knn["knn_examples"],
+    written = " and ".join(directories)
+    output = {}
+    if linear:
+        scores, end = results["probe"]
+        logged = _last_logged(workdir, summary)
+        output["linear"] = {
+            "top1": scores["probe_top1"],
+            "top5": scores["probe_top5"],
+            "eval_examples": scores["probe_examples"],  # the test images scored
+            "final_loss": logged.get("linear_loss"),
+            "final_train_top1": logged.get("linear_train_top1"),
+            "steps": total_steps,
+            "epochs": total_steps / steps_per_epoch,
+            "lr": config.linear_lr,
+            "batch_size": config.linear_batch_size,
+            "schedule": config.linear_schedule,
+            **common,
+            "wall_s": end - start,
+        }
+        start = end
+    if knn:
+        scores, end = results["knn"]
+        output["knn"] = {
+            "top1": scores["knn_top1"],
+            "top5": scores["knn_top5"],
+            "eval_examples": scores["knn_examples"],
             "k": min(config.knn_k, data.num_train),
             "temperature": config.knn_temperature,
             **common,
-            "wall_s": time.perf_counter() - start,
+            "wall_s": end - start,
         }
-        _write_json(knn, config.pretrained, workdir, name="knn_eval.json")
-        log.info(
-            "kNN eval: top-1 %.2f top-5 %.2f on %d test images",
-            knn["top1"],
-            knn["top5"],
-            knn["eval_examples"],
-        )
-        results["knn"] = knn
-    data.close()
-    return results
+    for mode, values in output.items():
+        _write_json(values, directories, name=f"{mode}_eval.json")
+        if main:
+            log.info(
+                "%s eval: top-1 %.2f top-5 %.2f on %d test images; wrote %s_eval.json to %s",
+                "linear" if mode == "linear" else "kNN",
+                values["top1"],
+                values["top5"],
+                values["eval_examples"],
+                mode,
+                written,
+            )
+    return output

@@ -7,8 +7,8 @@ notebook) it is a plain log line at each milestone (an epoch end) and at most ev
 
 Throughputs and ETAs leave out compilation: the first unit of work after a (re)start (a train
 chunk, an evaluation batch) includes XLA's compile, which later units do not pay again, so the
-clock of `Rate` starts when that unit ends. The training ETA adds the evaluations still to come,
-each estimated from the measured duration of the previous one of its kind.
+clock of `Rate` starts when that unit ends. The training ETA adds the evaluations still to come
+(`LoopProgress`: measured ones as long as their last run, the others at the measured encode rate).
 """
 
 from __future__ import annotations
@@ -181,6 +181,11 @@ class Task:
             log.info("%s", self.line(completed, status))
             self._last_line = now
 
+    def refresh(self, status: str) -> None:
+        """A new status on the bar, without a log line (nothing in plain mode)."""
+        if self.live:
+            _live["progress"].update(self._id, status=status)
+
     def close(self) -> None:
         if not self.live:
             return
@@ -203,11 +208,12 @@ class EvalProgress:
         self.rate = Rate(clock)
         self.start = clock()
         self.total = None
+        self.done = 0
         self.task = None
 
     def __call__(self, done: int, total: int) -> None:
         """`done` of `total` batches have finished; 0 shows the line before the first."""
-        self.total = total
+        self.total, self.done = total, done
         if self.task is None:
             self.task = Task(
                 self.description,
@@ -245,46 +251,51 @@ def eval_steps(total_steps: int, period: int) -> list[int]:
     return sorted(set(range(period, total_steps, period)) | {total_steps})
 
 
-class TrainProgress:
-    """The training line: step, epoch, the last logged metrics, images/s and the ETA.
+class LoopProgress:
+    """The line of a loop of steps: step, epoch, the last logged metrics, images/s and the ETA.
 
     ETA = the steps left at the measured step rate (`Rate`: compile, evaluations and checkpoint
-    writes left out) + the evaluations left, each as long as the last one of its kind took
-    (`EvalProgress.seconds`, compile left out). Before one has been measured, an evaluation is
-    estimated at the training rate per image for the images it encodes (the test set; for the kNN
-    also the training set): an upper bound, as a training image costs two views' forward and
-    backward passes and an evaluation image one forward pass.
+    writes left out) + the evaluations left. An evaluation of a kind that ran before is as long
+    as its last run (`EvalProgress.seconds`, compile left out); one that has not is estimated
+    from the images it encodes (`evaluations`) at the encode rate (seconds per image) of the
+    last evaluation measured, the running one included. Before any was measured, and only while
+    steps are left, it is bounded by the training rate per image (a training image costs at
+    least one forward pass more than an evaluation image); with no step left the ETA is unknown
+    ('?') until the running evaluation has measured its rate, and its own line shows its progress.
+
+    `evaluations`: {kind: (steps after which it runs, images it encodes)}; `shown`: the logged
+    metrics on the line, as (key, label, format) triples.
     """
 
     def __init__(
         self,
-        config,
+        description: str,
         *,
         total_steps: int,
         start_step: int,
         steps_per_epoch: int,
-        num_train: int,
-        num_test: int,
+        batch_size: int,
+        max_epochs: int,
+        evaluations: dict,
+        shown: tuple = (),
         enabled: bool = True,
         clock=time.perf_counter,
     ):
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.batch_size, self.max_epochs = config.batch_size, config.max_epochs
+        self.batch_size, self.max_epochs = batch_size, max_epochs
+        self.shown = shown
         self.enabled, self.clock = enabled, clock
         self.rate = Rate(clock)
-        periods = config_lib.eval_periods(config, steps_per_epoch)  # config.evals, in steps
-        self.eval_steps = {name: eval_steps(total_steps, p) for name, p in periods.items()}
-        # The images an evaluation encodes: the test set; a kNN also the training set.
-        self.eval_images = {
-            name: num_test + (num_train if config.evals[name].type == "knn" else 0)
-            for name in periods
-        }
+        self.eval_steps = {kind: steps for kind, (steps, _) in evaluations.items()}
+        self.eval_images = {kind: images for kind, (_, images) in evaluations.items()}
         self.eval_s = {}  # kind -> seconds of its last run, compile left out
         self.evaluated_at = {}  # kind -> step of its last run
+        self.s_per_image = None  # the encode rate of the last evaluation measured
+        self.running = None  # (kind, EvalProgress) of the evaluation under way
         self.metrics = {}  # the last logged metrics
         self.step = start_step
         self.task = Task(
-            "train",
+            description,
             total_steps,
             completed=start_step,
             enabled=enabled,
@@ -297,19 +308,34 @@ class TrainProgress:
         per_s = self.rate.per_s
         return None if per_s is None else per_s * self.batch_size
 
+    def _estimate_s(self, kind: str, step: int) -> float:
+        """Seconds of one run of `kind` (see the class docstring)."""
+        if kind in self.eval_s:
+            return self.eval_s[kind]
+        if self.s_per_image is not None:
+            return self.eval_images[kind] * self.s_per_image
+        if step < self.total_steps and self.images_per_s:
+            return self.eval_images[kind] / self.images_per_s  # an upper bound
+        return math.nan
+
+    def _running_left_s(self, step: int) -> float:
+        kind, report = self.running
+        per_s, total = report.rate.per_s, report.total
+        if per_s and total:
+            return (total - report.done) / per_s
+        fraction_left = 1 - report.done / total if total else 1
+        return fraction_left * self._estimate_s(kind, step)
+
     def eval_eta_s(self, step: int) -> float:
         """Seconds of the evaluations still to run at or after `step`."""
         total = 0.0
         for kind, steps in self.eval_steps.items():
             left = sum(s > step or (s == step and self.evaluated_at.get(kind) != s) for s in steps)
-            if not left:
-                continue
-            if kind in self.eval_s:
-                total += left * self.eval_s[kind]
-            elif self.images_per_s:
-                total += left * self.eval_images[kind] / self.images_per_s
-            else:
-                return math.nan
+            if self.running is not None and self.running[0] == kind and left:
+                total += self._running_left_s(step)
+                left -= 1
+            if left:
+                total += left * self._estimate_s(kind, step)
         return total
 
     def eta_s(self, step: int) -> float:
@@ -319,27 +345,25 @@ class TrainProgress:
         return (self.total_steps - step) / per_s + self.eval_eta_s(step)
 
     def timing(self) -> dict:
-        """images_per_s and eta_s for metrics.jsonl, once measured."""
+        """images_per_s and eta_s (where known) for metrics.jsonl, once measured."""
         if self.rate.per_s is None:
             return {}
-        return {"images_per_s": self.images_per_s, "eta_s": self.eta_s(self.step)}
+        eta = self.eta_s(self.step)
+        return {"images_per_s": self.images_per_s, **({"eta_s": eta} if math.isfinite(eta) else {})}
 
     def status(self) -> str:
-        """'epoch E/N | R img/s | ETA H:MM:SS | loss L probe_train_top1 A lr X' (the metrics of
-        the last log point; a narrow terminal cuts the end)."""
+        """'epoch E/N | R img/s | ETA H:MM:SS | <shown metrics>' (the metrics of the last log
+        point; a narrow terminal cuts the end)."""
         speed = self.images_per_s
         parts = [
             f"epoch {self.step / self.steps_per_epoch:.2f}/{self.max_epochs}",
             f"| {speed:.1f} img/s" if speed else "| ? img/s",
             f"| ETA {format_eta(self.eta_s(self.step))}",
         ]
-        m = self.metrics
-        if "loss" in m:
-            parts.append(f"| loss {m['loss']:.4f}")
-        if "probe_train_top1" in m:
-            parts.append(f"probe_train_top1 {m['probe_train_top1']:.1f}")
-        if "lr" in m:
-            parts.append(f"lr {m['lr']:.5f}")
+        shown = [(label, self.metrics.get(key), fmt) for key, label, fmt in self.shown]
+        shown = [f"{label} {value:{fmt}}" for label, value, fmt in shown if value is not None]
+        if shown:
+            parts.append("| " + " ".join(shown))
         return " ".join(parts)
 
     def advance(self, step: int, metrics: dict | None = None, *, line: bool = False) -> None:
@@ -362,20 +386,73 @@ class TrainProgress:
 
     @contextlib.contextmanager
     def evaluation(self, kind: str):
-        """Times one evaluation out of the training rate; yields its per-batch `report`.
+        """Times one evaluation out of the training rate; yields its per-batch `report`, which
+        also refreshes this line's ETA on a terminal.
 
         A first run with a single batch cannot separate its compile: its time is not used, and
         the estimate stays per image until the next run of that kind.
         """
         report = EvalProgress(f"{kind} eval", enabled=self.enabled, clock=self.clock)
+        self.running = (kind, report)
+
+        def update(done: int, total: int) -> None:
+            report(done, total)
+            if report.rate.per_s:
+                self.s_per_image = total / (report.rate.per_s * self.eval_images[kind])
+            self.task.refresh(self.status())
+
         with self.paused():
             try:
-                yield report
+                yield update
             finally:
                 report.close()
+                self.running = None
         if report.rate.per_s or kind in self.evaluated_at:
             self.eval_s[kind] = report.seconds
         self.evaluated_at[kind] = self.step
 
     def close(self) -> None:
         self.task.close()
+
+
+class TrainProgress(LoopProgress):
+    """The trainer's line: the evaluators of `config.evals` on their periods, and the loss, the
+    online probe's training accuracy and the learning rate."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        total_steps: int,
+        start_step: int,
+        steps_per_epoch: int,
+        num_train: int,
+        num_test: int,
+        enabled: bool = True,
+        clock=time.perf_counter,
+    ):
+        periods = config_lib.eval_periods(config, steps_per_epoch)  # config.evals, in steps
+        # The images an evaluation encodes: the test set; a kNN also the training set.
+        evaluations = {
+            name: (
+                eval_steps(total_steps, period),
+                num_test + (num_train if config.evals[name].type == "knn" else 0),
+            )
+            for name, period in periods.items()
+        }
+        super().__init__(
+            "train",
+            total_steps=total_steps,
+            start_step=start_step,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=config.batch_size,
+            max_epochs=config.max_epochs,
+            evaluations=evaluations,
+            shown=(
+                ("loss", "loss", ".4f"),
+                ("probe_train_top1", "probe_train_top1", ".1f"),
+                ("lr", "lr", ".5f"),
+            ),
+            enabled=enabled,
+            clock=clock,
+        )

@@ -28,10 +28,10 @@ def evaluate(pretrained: str, out_dir: str) -> dict:
 
     import jax
 
+    from simco_jax import checkpointing, inputs, linear_eval
     from simco_jax import evaluate as evaluate_lib
-    from simco_jax import inputs, linear_eval
 
-    run = linear_eval.restore_run(pretrained)
+    run = checkpointing.restore_run(pretrained)
     data = inputs.create(run.config, run.mesh)
     assert data.mode == "streaming", data.mode
     evaluator = evaluate_lib.FeatureBackend(

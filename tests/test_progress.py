@@ -117,8 +117,9 @@ def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog
 
     clock.now = 122.0  # 8 steps since the first chunk in 22 s, of which 18 s evaluated
     display.advance(12)
-    # 4 steps at 2 steps/s + one probe as measured (3 s) + one kNN per image (5 s).
-    assert display.eta_s(12) == 10.0
+    # 4 steps at 2 steps/s + one probe as measured (3 s) + one kNN at the encode rate the probe
+    # measured (64 images in 3 s: 320 images in 15 s).
+    assert display.eta_s(12) == 20.0
     clock.now = 125.0
     display.advance(14)  # 3 s after the last line: no new line
 
@@ -129,14 +130,14 @@ def test_plain_lines_have_step_loss_throughput_and_an_eta_without_compile(caplog
         "lr 0.00300",
         "probe eval 1/3 | ? batches/s | ETA ?",  # its first batch took 10 s
         # 20 s since the last line: a line between milestones, with the last logged metrics.
-        "train 12/16 epoch 1.50/2 | 64.0 img/s | ETA 0:00:10 | loss 3.5000 probe_train_top1 12.5 "
+        "train 12/16 epoch 1.50/2 | 64.0 img/s | ETA 0:00:20 | loss 3.5000 probe_train_top1 12.5 "
         "lr 0.00300",
     ]
     parsed = [TRAIN_LINE.match(line).groupdict() for line in lines if line.startswith("train")]
     assert parsed == [
         {"step": "4", "total": "16", "speed": "?", "eta": "?", "loss": None},
         {"step": "8", "total": "16", "speed": "64.0", "eta": "0:00:16", "loss": "3.5000"},
-        {"step": "12", "total": "16", "speed": "64.0", "eta": "0:00:10", "loss": "3.5000"},
+        {"step": "12", "total": "16", "speed": "64.0", "eta": "0:00:20", "loss": "3.5000"},
     ]
     display.close()
 
@@ -195,3 +196,46 @@ def test_eval_progress_seconds_leave_out_the_first_batch(enabled, caplog):
     report.close()
     # 30 s after its start the first report is due a line; the others come < 10 s later.
     assert _lines(caplog) == (["probe eval 1/4 | ? batches/s | ETA ?"] if enabled else [])
+
+
+def test_with_no_step_left_the_eta_is_the_evaluations_own_not_the_training_bound(monkeypatch):
+    # The last step's line, before any evaluation ran: the bound from the training rate (a kNN
+    # of 320 images at 64 images/s) is no estimate once no step is left, so the ETA is unknown
+    # until the evaluation measures its own rate; then the training bar shows that estimate.
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    monkeypatch.setattr(progress, "terminal_console", lambda: console)
+    config = framework_config("simco", max_epochs=2, eval_every_epochs=2, knn_every_epochs=2)
+    clock = FakeClock()
+    display = progress.TrainProgress(
+        config,
+        total_steps=16,
+        start_step=0,
+        steps_per_epoch=8,
+        num_train=256,
+        num_test=64,
+        clock=clock,
+    )
+    clock.now = 100.0
+    display.advance(8)
+    clock.now = 102.0
+    display.advance(12)  # 2 steps/s, 64 images/s
+    # 4 steps (2 s) + a probe (64 images, 1 s) + a kNN (320 images, 5 s) at the training rate.
+    assert display.eta_s(12) == 8.0
+    clock.now = 104.0
+    display.advance(16)
+    assert math.isnan(display.eta_s(16)) and "ETA ?" in display.status()
+    assert "eta_s" not in display.timing()  # nothing unknown goes to metrics.jsonl
+    with display.evaluation("probe") as report:
+        report(0, 4)
+        for done, clock.now in ((1, 130.0), (2, 130.5), (3, 131.0)):  # the first compiles
+            report(done, 4)
+        # The probe's last batch at its 2 batches/s (0.5 s) + the kNN at the probe's encode
+        # rate: 4 batches of 16 images in 2 s, 320 images in 10 s.
+        assert display.eta_s(16) == 10.5
+        assert "ETA 0:00:10" in display.task.line(16, display.status())
+        clock.now = 131.5
+        report(4, 4)
+    assert display.eval_s == {"probe": 2.0}
+    assert display.eta_s(16) == 10.0  # the kNN, at the measured encode rate
+    display.close()

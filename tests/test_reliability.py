@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import DEADLINE_S, REPO, framework_config, run_python
 
-from simco_jax import checkpointing, data, sources, train, writers
+from simco_jax import checkpointing, data, loop, sources, train, writers
 from simco_jax import config as config_lib
 
 # 256 images / batch 32 = 8 steps per epoch, 32 steps; a checkpoint every 4 steps, all kept.
@@ -428,7 +428,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 ):
     _diverge_from(monkeypatch, metric, first_bad_step)
     workdir = tmp_path / "run"
-    with pytest.raises(train.NonFiniteLossError) as raised:
+    with pytest.raises(loop.NonFiniteLossError) as raised:
         train.train_and_evaluate(_config(max_epochs=2), str(workdir))
     message = str(raised.value)
     match = re.fullmatch(
@@ -463,11 +463,11 @@ def test_state_check_before_saving_finds_any_non_finite_float_leaf():
     # The loss of step k is computed before update k: an update that overflows the parameters
     # shows in no loss yet, so `save` checks the whole state too, with this function.
     state = {"w": np.ones((3, 2), np.float32), "step": np.int32(7), "rng": jax.random.key(0)}
-    assert bool(train._all_finite(state))
+    assert bool(loop.all_finite(state))
     for bad in (np.inf, -np.inf, np.nan):
         poisoned = {**state, "w": state["w"].copy()}
         poisoned["w"][1, 0] = bad
-        assert not bool(train._all_finite(poisoned))
+        assert not bool(loop.all_finite(poisoned))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,7 +733,7 @@ def test_checkpoint_record_names_the_data_and_accepts_a_moved_file(tmp_path):
 def test_ctrl_c_once_finishes_the_steps_twice_aborts(monkeypatch):
     # The handler's semantics, in-process: the first SIGINT only sets the flag, the second one
     # raises KeyboardInterrupt (launch.py prints one line and exits 130).
-    stop, previous = train._install_stop_handlers()
+    stop, previous = loop.install_stop_handlers()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
