@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tests import the library from the checkout they live in.
 sys.path.insert(0, REPO)
@@ -17,3 +19,20 @@ os.environ.setdefault(
         "xla",
     ),
 )
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """The uninterrupted reference run (helpers.reference_config): its workdir and final state.
+
+    One per session: the tests of the trainer, checkpointing and resuming only read it (a test
+    that changes a workdir copies it first), and every fault must end equal to it."""
+    from helpers import REFERENCE_STEPS, checkpoint_steps, reference_config
+
+    from simco_jax import train
+
+    workdir = tmp_path_factory.mktemp("reference")
+    summary = train.train_and_evaluate(reference_config(), str(workdir))
+    assert summary["step"] == REFERENCE_STEPS
+    assert checkpoint_steps(workdir) == list(range(4, REFERENCE_STEPS + 1, 4))
+    return workdir, summary["state"]
