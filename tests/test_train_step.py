@@ -32,14 +32,19 @@ def test_one_way_key_encoder_sees_both_views_as_the_official_code():
     from simco_jax import augment, train_step
 
     config = framework_config("simmoco", "smoke")
-    comps, state, _, images, labels = first_batch_setup(config)
-    new_state, _ = jax.jit(train_step.make_train_step(config, comps))(state, images, labels)
+    comps, state, step, images, labels = first_batch_setup(config)
+    new_state, _ = step(state, images, labels)
 
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, train_step._STEP_STREAM), state.step)
-    view1, view2 = augment.two_views(jax.random.split(rng)[0], images, comps.aug)
-    stats = state.momentum_batch_stats
-    for view in (view1, view2):
-        _, _, stats = train_step.encode(comps.model, state.momentum_params, stats, view)
+    @jax.jit  # one program, not hundreds of eagerly compiled operations
+    def key_encoder_stats(state, images):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, train_step._STEP_STREAM), state.step)
+        view1, view2 = augment.two_views(jax.random.split(rng)[0], images, comps.aug)
+        stats = state.momentum_batch_stats
+        for view in (view1, view2):
+            _, _, stats = train_step.encode(comps.model, state.momentum_params, stats, view)
+        return stats
+
+    stats = key_encoder_stats(state, images)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
         new_state.momentum_batch_stats,
