@@ -39,7 +39,18 @@ import time
 import jax
 import ml_collections
 
-from simco_jax import checkpointing, cli, data, domains, parallel, progress, train, workdir, writers
+from simco_jax import (
+    checkpointing,
+    cli,
+    data,
+    domains,
+    loop,
+    parallel,
+    progress,
+    train,
+    workdir,
+    writers,
+)
 from simco_jax import config as config_lib
 
 # Named, not __name__: under `python -m simco_jax.sweep` that is '__main__', outside the
@@ -66,7 +77,7 @@ EXPECTED_ERRORS = (
     data.DataError,
     checkpointing.CheckpointError,
     checkpointing.CheckpointSaveError,
-    train.NonFiniteLossError,
+    loop.NonFiniteLossError,
     workdir.WorkdirLockError,
 )
 

@@ -4,9 +4,10 @@ import math
 
 import ml_collections
 import pytest
-from helpers import FRAMEWORKS, framework_config, run_python
+from helpers import FRAMEWORKS, framework_config, reference_config, run_python
 
 from simco_jax import config as config_lib
+from simco_jax import train
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -77,7 +78,11 @@ def test_one_variant_parser_for_every_config_file():
             r"base_tau_momentum must be a finite number in \[0, 1\], got 1.5",
         ),
         (dict(final_tau_momentum=-0.1), 1, r"final_tau_momentum must be a finite number in \[0"),
-        (dict(batch_size=30), 8, "not divisible by the 8 devices"),
+        (
+            dict(batch_size=30),
+            8,
+            "batch_size=30 is not divisible by the 8 devices; use a multiple of 8",
+        ),
         (dict(queue_size=100), 1, "must be a multiple of the global batch_size=32"),
         (dict(queue_size=-1), 1, r"queue_size must be an integer in \[0, 16777216\], got -1"),
         (dict(backbone="vit"), 1, "backbone must be one of"),
@@ -88,7 +93,8 @@ def test_one_variant_parser_for_every_config_file():
         (dict(shuffle_bn=True, bn_groups=4), 1, "needs momentum_encoder=True"),
         (dict(bn_groups=3), 1, "bn_groups=3 must divide batch_size=32 into sub-batches of at"),
         (dict(negative_groups=32), 1, "negative_groups=32 must divide batch_size=32 into sub-b"),
-        (dict(dataset="npz", data_path=""), 1, "needs --config.data_path"),
+        (dict(dataset="npz", data_path=""), 1, "dataset='npz' needs --config.data_path="),
+        (dict(keep_checkpoints=0), 1, "keep_checkpoints must be an integer >= 1, got 0"),
         (dict(dataset="imagefolder", data_path=""), 1, "needs --config.data_path=ROOT"),
         (
             dict(dataset="imagefolder", data_path="/data", input_mode="resident"),
@@ -281,3 +287,52 @@ def test_a_period_the_user_sets_replaces_the_config_files_other_spelling():
     config.log_every_epochs = None  # neither spelling: refused (the trainer logs on a period)
     with pytest.raises(config_lib.ConfigError, match="set log_every_steps or log_every_epochs"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(momentum=1.5), r"momentum must be a finite number in \[0, 1\), got 1.5"),
+        (dict(momentum=-0.1), r"momentum must be a finite number in \[0, 1\), got -0.1"),
+        (
+            dict(temperature=-0.1),
+            r"temperature must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got -0.1",
+        ),
+        (
+            dict(dt_m=0.0),
+            r"dt_m must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got 0.0",
+        ),
+        (
+            dict(temperature=float("inf")),
+            r"temperature must be a finite float32 >= 1.18e-38 \(its reciprocal .*\), got inf",
+        ),
+        (dict(queue_size=48), "queue_size=48 must be a multiple of the global batch_size=32"),
+    ],
+)
+def test_bad_values_fail_before_the_workdir_is_touched(overrides, message, tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        train.train_and_evaluate(reference_config(**overrides), str(workdir))
+    assert not workdir.exists()
+
+
+def test_unknown_key_fails_through_train_and_evaluate(tmp_path):
+    config = reference_config()
+    config.unlock()
+    config.lr_warmup = 5
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key lr_warmup;"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_the_trainer_checks_the_batch_against_its_devices(tmp_path, monkeypatch):
+    # The device count the batch must divide is the trainer's own (8 simulated devices here).
+    import jax
+
+    from simco_jax import train
+
+    monkeypatch.setattr(jax, "device_count", lambda *args: 8)
+    workdir = tmp_path / "run"
+    message = "batch_size=30 is not divisible by the 8 devices; use a multiple of 8"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        train.train_and_evaluate(framework_config("simco", "smoke", batch_size=30), str(workdir))
+    assert not workdir.exists()

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from etils import epath
+from helpers import (
+    reference_config,
+)
 
 from simco_jax import config as config_lib
-from simco_jax import data, sources
+from simco_jax import data, sources, train
 
 
 def make_config(**overrides):
@@ -540,3 +543,56 @@ def test_tfds_without_a_test_split(tmp_path):
     config = make_config(dataset="simco_test_train_only", data_dir=str(tmp_path), batch_size=2)
     with pytest.raises(data.DataError, match=r"has splits \['train'\].*--config\.dataset=npz"):
         sources.load_dataset(config)
+
+
+def _write_npz(path, **changes):
+    rng = np.random.default_rng(0)
+    arrays = dict(
+        train_images=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
+        train_labels=rng.integers(0, 5, 64),
+        test_images=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+        test_labels=rng.integers(0, 5, 16),
+    )
+    arrays.update(changes)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(test_labels=None), r"lacks the keys \['test_labels'\]"),
+        (dict(train_images=np.zeros((64, 16, 16, 3), np.float32)), "must be uint8"),
+        (dict(train_images=np.zeros((64, 3, 16, 16), np.uint8)), r"np.transpose\(x, \(0, 2, 3, 1"),
+        (dict(class_names=np.array(["a", "b"])), r"labels must lie in \[0, 2\)"),
+        (dict(train_labels=np.arange(64) - 1), "class indices must be non-negative"),
+        (
+            dict(train_images=np.zeros((20, 16, 16, 3), np.uint8), train_labels=np.zeros(20, int)),
+            r"20 training images are fewer than one batch \(batch_size=32\)",
+        ),
+    ],
+)
+def test_bad_npz_fails_before_compiling(changes, message, tmp_path):
+    path = tmp_path / "arrays.npz"
+    _write_npz(path, **changes)
+    workdir = tmp_path / "run"
+    config = reference_config(dataset="npz", data_path=str(path))
+    with pytest.raises(data.DataError, match=message):
+        train.train_and_evaluate(config, str(workdir))
+    assert not (workdir / "checkpoints").exists()  # failed before the state was built
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(dataset="cifar1000"), r"unknown dataset 'cifar1000'. Did you mean"),
+        (
+            dict(dataset="cifar10", tfds_download=False),
+            "tfds dataset 'cifar10' is not prepared .* forbids downloading it",
+        ),
+    ],
+)
+def test_unknown_or_unprepared_dataset(overrides, message, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    config = reference_config(data_dir=str(tmp_path / "tfds"), **overrides)
+    with pytest.raises(data.DataError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -97,18 +97,20 @@ import jax  # noqa: E402 - the worker above must not import JAX before its XLA_F
 import jax.numpy as jnp  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
-from helpers import DEADLINE_S, FRAMEWORKS, REPO, framework_config, tail, wait, wait_until  # noqa: E402
+from helpers import (  # noqa: E402
+    DEADLINE_S,
+    FRAMEWORKS,
+    REPO,
+    devices_env,
+    framework_config,
+    load_npz,
+    tail,
+    wait,
+    wait_until,
+)
 
 from simco_jax import augment, methods, models, sources, train_step, writers  # noqa: E402
 from simco_jax import config as config_lib  # noqa: E402
-
-
-def _devices_env(count: int) -> dict:
-    return dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
-    )
 
 
 @contextlib.contextmanager
@@ -132,11 +134,6 @@ def _processes(commands, log_dir, name):
             process.wait(timeout=60)
 
 
-def _load(path) -> dict:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """reference(framework) → {1: the run on one device, 8: on eight}, each {losses, probe_top1,
@@ -151,12 +148,12 @@ def reference(tmp_path_factory):
             for count in (1, 8):
                 os.makedirs(root / str(count))
                 args = [__file__, str(root / str(count)), framework]
-                commands.append((args, _devices_env(count)))
+                commands.append((args, devices_env(count)))
             with _processes(commands, str(root), "devices") as started:  # both at once: 2 cores
                 for process, log_path in started:
                     if wait(process, log_path) != 0:
                         pytest.fail(f"{process.args} failed:\n{tail(log_path)}", pytrace=False)
-            runs[framework] = {c: _load(root / str(c) / f"{framework}.npz") for c in (1, 8)}
+            runs[framework] = {c: load_npz(root / str(c) / f"{framework}.npz") for c in (1, 8)}
         if isinstance(runs[framework], str):  # failed once: report it once, briefly after
             pytest.fail(runs[framework], pytrace=False)
         return runs[framework]
@@ -219,7 +216,7 @@ def _two_process_commands(workdir, *, max_steps=STEPS, heartbeat_s=None):
         f"--initialization_timeout_s={DEADLINE_S:.0f}",  # one process may start minutes late
         *([f"--heartbeat_timeout_s={heartbeat_s}"] if heartbeat_s else []),
     ]
-    return [([*base, f"--process_id={i}"], _devices_env(4)) for i in range(2)]
+    return [([*base, f"--process_id={i}"], devices_env(4)) for i in range(2)]
 
 
 def _wait_for_first_loss(workdir, started):

@@ -1,5 +1,5 @@
-"""The ImageNet configs (MoCo v2's recipe for all three frameworks), the ImageNet-100 class list,
-and the memory check that runs before compiling."""
+"""The ImageNet configs (MoCo v2's recipe for all three frameworks) and the ImageNet-100 class
+list."""
 
 import hashlib
 import importlib
@@ -8,11 +8,10 @@ import math
 import os
 import re
 
-import jax
 import pytest
 from helpers import FRAMEWORKS, REPO
 
-from simco_jax import augment, memory
+from simco_jax import augment
 from simco_jax import config as config_lib
 
 FRAMEWORK_KEYS = {"momentum_encoder", "queue_size", "dt_m", "symmetric", "temperature"}
@@ -94,69 +93,6 @@ def test_imagenet100_class_list_is_cmcs_100_wordnet_ids():
 def test_unknown_imagenet_variant_is_named():
     with pytest.raises(ValueError, match="unknown config variant 'cifar10'"):
         imagenet_config("simco", "cifar10")
-
-
-# --------------------------------------------------------------------------------------------
-# The memory check before compiling
-
-
-def test_memory_check_names_the_largest_batch_that_fits():
-    config = imagenet_config("simco", "smoke", batch_size=64)
-    fixed, per_image = memory.step_terms(config, 10)
-    assert fixed > 0 and per_image > 0
-    # A device that holds exactly 5.5 images' worth: per-device batch 5 fits, 8 does not.
-    limit = memory.SAFETY * (fixed + 5.5 * per_image)
-    config.device_memory_gb = limit / 2**30
-    message = r"largest per-device batch that fits is about 5 \(batch_size=40\)"
-    with pytest.raises(config_lib.ConfigError, match=message):
-        memory.check_fits(config, 10, num_devices=8)
-    config.batch_size = 40
-    memory.check_fits(config, 10, num_devices=8)  # 5 per device: fits, no error
-
-
-def test_on_the_cpu_the_memory_check_uses_the_hosts_memory():
-    config = imagenet_config("simco", "smoke", batch_size=10**6)
-    if jax.default_backend() != "cpu":
-        pytest.skip("an accelerator reports its own memory limit")
-    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert memory.device_memory_bytes(config) == host // jax.local_device_count()
-    with pytest.raises(config_lib.ConfigError, match="batch_size=1000000"):
-        memory.check_fits(config, 10, num_devices=1)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "variant, overrides",
-    [
-        ("smoke", {}),  # augmentation-bound: the tiny network's activations are smaller
-        ("smoke", dict(backbone_width=16, cifar_stem=True)),  # activation-bound
-    ],
-)
-def test_analytic_memory_model_tracks_xlas_compiled_step(variant, overrides):
-    # XLA's memory analysis of the compiled step (as benchmarks/memory_plan.py reads it) at two
-    # per-device batches: its per-image growth and the analytic one agree within a factor 2.
-    spec = importlib.util.spec_from_file_location(
-        "memory_plan", os.path.join(REPO, "benchmarks", "memory_plan.py")
-    )
-    plan = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plan)
-    config = imagenet_config("simco", variant, **overrides)
-    measured = {b: plan.measure(plan.compile_step(config, b)[0]) for b in (8, 16)}
-    slope = (measured[16]["program_bytes"] - measured[8]["program_bytes"]) / 8
-    _, per_image = memory.step_terms(config, plan.NUM_CLASSES)
-    assert 0.5 < per_image / slope < 2.0, (per_image, slope)
-    assert measured[16]["flops"] > 1.5 * measured[8]["flops"]
-
-
-def test_a_batch_too_large_for_the_device_fails_before_compiling(tmp_path):
-    from helpers import framework_config
-
-    from simco_jax import train
-
-    config = framework_config("simco", device_memory_gb=1e-3)  # 1 MiB: nothing fits
-    with pytest.raises(config_lib.ConfigError, match="largest per-device batch that fits is"):
-        train.train_and_evaluate(config, str(tmp_path))
-    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
 # --------------------------------------------------------------------------------------------

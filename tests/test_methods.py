@@ -1,11 +1,10 @@
-"""The method seam, BYOL and SimSiam, LARS, the evaluator registry and the period units."""
+"""The method seam, BYOL and SimSiam, the evaluator registry and the period units."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from helpers import framework_config, run_python
+from helpers import first_batch_setup, framework_config, run_python
 
 from simco_jax import (
     augment,
@@ -89,21 +88,10 @@ def _sum(tree):
     return float(sum(np.sum(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)))
 
 
-def _setup(config):
-    dataset = sources.load_dataset(config)
-    steps_per_epoch = len(dataset.train_labels) // config.batch_size
-    comps = train_step.build_components(config, dataset.num_classes, steps_per_epoch)
-    state = train_step.create_train_state(config, comps, dataset.train_images.shape[1:])
-    step = jax.jit(train_step.make_train_step(config, comps))
-    images = jnp.asarray(dataset.train_images[: config.batch_size])
-    labels = jnp.asarray(dataset.train_labels[: config.batch_size], jnp.int32)
-    return comps, state, step, images, labels
-
-
 @pytest.mark.parametrize("framework", sorted(PINNED_STEPS))
 def test_old_frameworks_take_bit_identical_steps(framework):
     config = framework_config(framework, queue_size=64 if framework == "mocov2" else 0)
-    _, state, step, images, labels = _setup(config)
+    _, state, step, images, labels = first_batch_setup(config)
     losses_seen = []
     for _ in range(2):
         state, metrics = step(state, images, labels)
@@ -122,7 +110,7 @@ def test_old_frameworks_take_bit_identical_steps(framework):
 
 @pytest.mark.parametrize("framework", sorted(PINNED_SOLO_LEARN_STEPS))
 def test_byol_and_simsiam_take_pinned_steps(framework):
-    _, state, step, images, labels = _setup(framework_config(framework))
+    _, state, step, images, labels = first_batch_setup(framework_config(framework))
     losses_seen, probe_losses = [], []
     for _ in range(2):
         state, metrics = step(state, images, labels)
@@ -279,7 +267,7 @@ def test_who_gets_gradient_through_the_targets(framework, gradient_reaches_targe
 
 def test_byol_state_momentum_encoder_without_predictor_and_a_step_moves_it():
     config = framework_config("byol", base_tau_momentum=0.5, final_tau_momentum=0.5)
-    comps, state, step, images, labels = _setup(config)
+    comps, state, step, images, labels = first_batch_setup(config)
     assert "predictor" in state.params and "predictor" in state.batch_stats
     assert sorted(state.method_state["momentum_params"]) == ["backbone", "projector"]
     assert "hidden_bn" in state.batch_stats["projector"]  # BYOL's projector has BatchNorm
@@ -303,7 +291,7 @@ def test_byol_state_momentum_encoder_without_predictor_and_a_step_moves_it():
 
 def test_simsiam_projector_ends_in_batch_norm_without_affine():
     config = framework_config("simsiam")
-    comps, state, *_ = _setup(config)
+    comps, state, *_ = first_batch_setup(config)
     projector = state.params["projector"]
     assert sorted(projector) == ["hidden", "hidden2", "hidden2_bn", "hidden_bn", "output"]
     assert "bias" not in projector["hidden"] and "bias" not in projector["output"]
@@ -325,118 +313,13 @@ def test_simsiam_projector_ends_in_batch_norm_without_affine():
 def test_mixes_of_parts_train(framework, overrides):
     config = framework_config(framework, **overrides)
     config_lib.validate(config)
-    _, state, step, images, labels = _setup(config)
+    _, state, step, images, labels = first_batch_setup(config)
     for _ in range(2):
         new_state, metrics = step(state, images, labels)
         assert np.isfinite(float(metrics["loss"]))
         changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
         assert any(jax.tree.leaves(changed))
         state = new_state
-
-
-# ---------------------------------------------------------------------------------------------
-# LARS.
-# ---------------------------------------------------------------------------------------------
-
-
-def _solo_learn_lars_numpy(params, grads_fn, lrs, *, momentum, wd, eta, clip, exclude, eps=1e-8):
-    """solo-learn's LARS.step (solo/utils/lars.py) in NumPy, float64, one loop per parameter."""
-    params = {k: v.astype(np.float64).copy() for k, v in params.items()}
-    buffers = {}
-    for lr in lrs:
-        grads = grads_fn(params)
-        for name, p in params.items():
-            d_p = grads[name].copy()
-            p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(grads[name])
-            if p.ndim != 1 or not exclude:
-                if p_norm != 0 and g_norm != 0:
-                    lars_lr = p_norm / (g_norm + p_norm * wd + eps)
-                    lars_lr *= eta
-                    if clip:
-                        lars_lr = min(lars_lr / lr, 1)
-                    d_p = d_p + wd * p
-                    d_p = d_p * lars_lr
-            if momentum != 0:
-                if name not in buffers:
-                    buffers[name] = d_p.copy()
-                else:
-                    buffers[name] = momentum * buffers[name] + d_p
-                d_p = buffers[name]
-            params[name] = p - lr * d_p
-    return params
-
-
-@pytest.mark.parametrize("clip, exclude", [(True, True), (False, False), (True, False)])
-def test_lars_matches_solo_learn_numpy(clip, exclude):
-    rng = np.random.default_rng(3)
-    params = {
-        "kernel": rng.normal(size=(4, 3)),
-        "bias": rng.normal(size=(3,)),
-        "scale": rng.normal(size=(3,)) * 0.1,
-        "zero": np.zeros((2, 2)),  # ‖p‖ = 0: no adaptation, no weight decay
-    }
-    target = {k: rng.normal(size=v.shape) for k, v in params.items()}
-
-    def grads_fn(p):  # of ½ Σ c·(p − t)², a different curvature per leaf
-        return {k: (i + 1.0) * (p[k] - target[k]) for i, k in enumerate(sorted(p))}
-
-    lrs = [0.3, 0.8, 1.0, 0.5, 0.05]  # a schedule: the clip divides by the current lr
-    kwargs = dict(momentum=0.9, wd=1e-2, eta=0.02, clip=clip, exclude=exclude)
-    expected = _solo_learn_lars_numpy(params, grads_fn, lrs, **kwargs)
-
-    tx = optimizers.lars(
-        lambda count: jnp.asarray(lrs)[count],
-        momentum=0.9,
-        weight_decay=1e-2,
-        eta=0.02,
-        clip_lr=clip,
-        exclude_bias_n_norm=exclude,
-    )
-    with jax.enable_x64(True):
-        p = {k: jnp.asarray(v, jnp.float64) for k, v in params.items()}
-        opt_state = tx.init(p)
-        for _ in lrs:
-            grads = jax.tree.map(jnp.asarray, grads_fn({k: np.asarray(v) for k, v in p.items()}))
-            updates, opt_state = tx.update(grads, opt_state, p)
-            p = optax.apply_updates(p, updates)
-        got = {k: np.asarray(v) for k, v in p.items()}
-    for name in params:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-12, atol=1e-14)
-    np.testing.assert_array_equal(got["zero"], expected["zero"])
-
-
-@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
-def test_simsiam_predictor_keeps_the_peak_lr(optimizer):
-    config = framework_config("simsiam", optimizer=optimizer, weight_decay=0.1)
-    assert config.pred_fixed_lr
-    params = {"backbone": {"kernel": jnp.ones((2, 2))}, "predictor": {"kernel": jnp.ones((2, 2))}}
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    zero_schedule = lambda count: jnp.zeros((), jnp.float32)  # as at the start of a warm-up from 0
-    tx = optimizers.make_optimizer(config, zero_schedule, 2.0)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_array_equal(updates["backbone"]["kernel"], 0.0)
-    # The predictor steps with lr 2: SGD −2·(g + wd·p); LARS (trust ratio clipped at 1 by lr 2:
-    # 0.02·2/(1 + 0.2) / 2 < 1) scales by it.
-    expected = -2.0 * (0.5 + 0.1) * np.ones((2, 2))
-    if optimizer == "lars":
-        expected *= 0.02 * 2.0 / (1.0 + 0.1 * 2.0 + 1e-8) / 2.0
-    np.testing.assert_allclose(updates["predictor"]["kernel"], expected, rtol=1e-6)
-    no_fixed = optimizers.make_optimizer(
-        framework_config("simsiam", pred_fixed_lr=False), zero_schedule, 2.0
-    )
-    updates, _ = no_fixed.update(grads, no_fixed.init(params), params)
-    np.testing.assert_array_equal(updates["predictor"]["kernel"], 0.0)
-
-
-def test_optax_lars_is_not_solo_learns():
-    """Why `optimizers.lars` is not `optax.lars`: one step on the same problem differs."""
-    params = {"kernel": jnp.asarray([[1.0, 2.0], [3.0, 4.0]])}
-    grads = {"kernel": jnp.asarray([[0.5, -1.0], [2.0, 0.1]])}
-    ours = optimizers.lars(1.0, weight_decay=0.1, eta=0.02, momentum=0.9)
-    theirs = optax.lars(1.0, weight_decay=0.1, trust_coefficient=0.02, momentum=0.9)
-    a, _ = ours.update(grads, ours.init(params), params)
-    b, _ = theirs.update(grads, theirs.init(params), params)
-    assert not np.allclose(a["kernel"], b["kernel"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import FRAMEWORKS, REPO, framework_config, run_python
+from helpers import (
+    FRAMEWORKS,
+    REPO,
+    checkpoint_steps,
+    devices_env,
+    framework_config,
+    load_npz,
+    run_python,
+)
 from PIL import Image
 from test_augment import _ks_critical, _ks_distance, torchvision_get_params
 
@@ -569,13 +577,6 @@ def test_every_framework_trains_on_an_image_folder_through_launch(folder, tmp_pa
     assert [r for r in records if "probe_top1" in r]
 
 
-def _steps(workdir):
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(folder, tmp_path):
     """Checkpoints every 2 steps of 3-step epochs: step 4 is mid-epoch 2. Killed right after
     saving it, the resumed run must reproduce the uninterrupted one bit for bit."""
@@ -593,7 +594,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(folder, tmp_
             stderr=subprocess.STDOUT,
         )
         try:
-            while not any(s >= 4 for s in _steps(workdir)):
+            while not any(s >= 4 for s in checkpoint_steps(workdir)):
                 assert process.poll() is None, open(log_path).read()[-3000:]
                 time.sleep(0.01)
             process.send_signal(signal.SIGKILL)
@@ -602,7 +603,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(folder, tmp_
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=60)
-    last = _steps(workdir)[-1]
+    last = checkpoint_steps(workdir)[-1]
     assert last < 9 and last % 3 != 0, f"killed after step {last}, not mid-epoch"
 
     resumed, summary = _run(_config(root=root, **overrides), workdir)
@@ -648,10 +649,6 @@ def test_the_checkpoint_records_the_stream_position_and_refuses_a_changed_folder
 WORKER = os.path.join(REPO, "tests", "streaming_worker.py")
 
 
-def _devices_env(count):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}")
-
-
 def _start(args, env, log_path):
     log_file = open(log_path, "w")
     process = subprocess.Popen(
@@ -670,24 +667,19 @@ def _finish(started, timeout=1800):
                 process.kill()
 
 
-def _load(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def one_and_eight_devices(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("devices")
     started = [
         _start(
             [folder[0], str(out / f"run{n}"), str(out / f"d{n}.npz")],
-            _devices_env(n),
+            devices_env(n),
             out / f"d{n}.log",
         )
         for n in (1, 8)
     ]
     _finish(started)
-    return {n: _load(out / f"d{n}.npz") for n in (1, 8)}
+    return {n: load_npz(out / f"d{n}.npz") for n in (1, 8)}
 
 
 @pytest.mark.slow
@@ -717,13 +709,13 @@ def test_two_processes_read_only_their_own_files_and_train_as_one(
                 "2",
                 str(i),
             ],
-            _devices_env(4),
+            devices_env(4),
             tmp_path / f"p{i}.log",
         )
         for i in range(2)
     ]
     _finish(started)
-    results = [_load(tmp_path / f"p{i}.npz") for i in range(2)]
+    results = [load_npz(tmp_path / f"p{i}.npz") for i in range(2)]
     eight = one_and_eight_devices[8]
     np.testing.assert_allclose(results[0]["losses"], eight["losses"], rtol=RTOL, atol=ATOL)
     # Each process opened only its own half of every global batch (training, then the probe's
@@ -818,7 +810,7 @@ def test_streamed_evaluation_on_two_processes_equals_one_process_and_one_device(
 
     import eval_worker
     from helpers import tail, wait
-    from test_distributed import ATOL, RTOL, _devices_env, _free_port, _processes
+    from test_distributed import ATOL, RTOL, _free_port, _processes
 
     pretrained = tmp_path / "pretrained"
     summary = train.train_and_evaluate(framework_config("simco", **EVAL_RUN), str(pretrained))
@@ -828,10 +820,10 @@ def test_streamed_evaluation_on_two_processes_equals_one_process_and_one_device(
         runs[name] = str(shutil.copytree(pretrained, tmp_path / name / "pretrained"))
     worker = os.path.join(REPO, "tests", "eval_worker.py")
     port = _free_port()
-    commands = [([worker, runs["eight"], str(tmp_path / "eight")], _devices_env(8))] + [
+    commands = [([worker, runs["eight"], str(tmp_path / "eight")], devices_env(8))] + [
         (
             [worker, runs["two"], str(tmp_path / "two"), f"127.0.0.1:{port}", "2", str(i)],
-            _devices_env(4),
+            devices_env(4),
         )
         for i in range(2)
     ]

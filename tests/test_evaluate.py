@@ -1,7 +1,7 @@
 """The kNN monitor with the feature bank sharded over the devices equals the direct computation.
 
 Simulated devices need XLA_FLAGS before JAX starts, so the 8-device checks run in a subprocess:
-this file doubles as their worker (`python tests/test_knn.py OUT.json`).
+this file doubles as their worker (`python tests/test_evaluate.py OUT.json`).
 """
 
 import json
@@ -167,7 +167,7 @@ def test_sharded_knn_and_evaluator_on_eight_devices(tmp_path):
 
     out = tmp_path / "knn.json"
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    run_python(["tests/test_knn.py", str(out)], env_extra=env, timeout=1800)
+    run_python(["tests/test_evaluate.py", str(out)], env_extra=env, timeout=1800)
     results = json.loads(out.read_text())
     assert results["devices"] == 8
     for key in ("k3", "k10", "k200", "bf16"):
