@@ -17,7 +17,7 @@ a synthetic uint8 array of CIFAR shape) and measures:
   has one (one per view, as the full step and the official code do) — and the ratio full step /
   bare step.
 
-CPU (about 5 minutes on 2 cores; ResNet-18 at batch 64):
+CPU (ResNet-18 at batch 64; the script prints its own timing):
 
     python benchmarks/throughput.py --frameworks=simco,simmoco,mocov2 --batch_sizes=64 \
         --queue_sizes=4096,65536 --width=64 --chunks=3 --baseline=all \
