@@ -21,6 +21,7 @@ classes, or in-memory arrays (a resident dataset forced to stream, for tests and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -82,11 +83,11 @@ def decode_rgb(file) -> Image.Image:
     SyntaxError for unreadable data, truncated files included (PIL's LOAD_TRUNCATED_IMAGES stays
     False).
     """
-    if isinstance(file, str):
-        with open_regular(file) as f:
-            return decode_rgb(f)
-    with Image.open(file) as image:
-        return image.convert("RGB")
+    with contextlib.ExitStack() as stack:
+        if isinstance(file, str):
+            file = stack.enter_context(open_regular(file))
+        with Image.open(file) as image:
+            return image.convert("RGB")
 
 
 def open_regular(path: str):

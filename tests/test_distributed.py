@@ -191,7 +191,9 @@ def test_one_and_eight_devices_train_the_same(reference, framework):
     parts = _assert_moved_alike(eight, one)
     assert parts == (3 if framework == "simco" else 5)
     if framework == "mocov2":
-        np.testing.assert_allclose(eight["queue"], one["queue"], rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(
+            eight["method_state/queue"], one["method_state/queue"], rtol=RTOL, atol=ATOL
+        )
 
 
 # ------------------------------------------------------------------------------ two processes
