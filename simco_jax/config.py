@@ -735,7 +735,7 @@ def _population_checks(c, num_devices):
             member.update(point)
             check(member, SEAMS.values(), num_devices=num_devices)
         except (ConfigError, TypeError) as error:
-            yield f"member {index} ({member_name(point)}): {error}"
+            yield f"members: member {index} ({member_name(point)}): {error}"
             return
 
 
