@@ -177,3 +177,31 @@ def test_a_key_that_cannot_vary_is_refused_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "members.batch_size: batch_size cannot vary" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_population_on_8_devices_is_the_population_on_1(tmp_path):
+    """The member axis replicated, the batch axis sharded: the same members' losses."""
+    import json
+
+    from helpers import devices_env, run_python
+
+    script = (
+        "import json, sys; sys.path.insert(0, 'tests')\n"
+        "from helpers import framework_config\n"
+        "from simco_jax import train\n"
+        "config = framework_config('mocov2', 'smoke', queue_size=64, max_steps=2)\n"
+        "config.members = {'seed': [0, 1]}\n"
+        "summary = train.train_and_evaluate(config, sys.argv[1])\n"
+        "print(json.dumps({k: v for k, v in summary.items() if k.startswith('loss_m')}))\n"
+    )
+    losses = []
+    for count in (1, 8):
+        result = run_python(
+            ["-c", script, str(tmp_path / str(count))],
+            env_extra={"XLA_FLAGS": devices_env(count)["XLA_FLAGS"]},
+        )
+        losses.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert sorted(losses[0]) == ["loss_m0", "loss_m1"]
+    for key, value in losses[0].items():  # two steps: before the chaos of tests above
+        assert losses[1][key] == pytest.approx(value, rel=1e-5)
