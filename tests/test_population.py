@@ -205,3 +205,15 @@ def test_a_population_on_8_devices_is_the_population_on_1(tmp_path):
     assert sorted(losses[0]) == ["loss_m0", "loss_m1"]
     for key, value in losses[0].items():  # two steps: before the chaos of tests above
         assert losses[1][key] == pytest.approx(value, rel=1e-5)
+
+
+def test_the_linear_evaluation_and_export_refuse_a_population_in_one_line(tmp_path):
+    import json
+
+    from simco_jax import checkpointing
+
+    config = framework_config("simco", "smoke")
+    config.members = {"seed": [0, 1]}
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    with pytest.raises(checkpointing.CheckpointError, match="a population run of 2 members"):
+        checkpointing.restore_run(str(tmp_path))
