@@ -446,6 +446,12 @@ def restore_run(workdir: str) -> RestoredRun:
     `Checkpointer`) for the one before it.
     """
     config = load_run_config(workdir)
+    members = len(config_lib.member_points(config))
+    if members > 1:
+        raise CheckpointError(
+            f"{workdir} is a population run of {members} members (config.members); the linear "
+            "evaluation and the export read one run's state and do not take a population yet"
+        )
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointError(f"{workdir} has no checkpoints/ directory")

@@ -38,6 +38,7 @@ dual-temperature weight is then exactly 1.
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable, Mapping
 
 import ml_collections
@@ -200,6 +201,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     # > 0 stops early (smoke runs, benchmarks); the schedule still spans max_epochs.
     c.max_steps = -1
+    # Population training (docs/population.md): {key: [values]} trains every combination of
+    # the values (a grid) as one member of one vmapped program; only `MEMBER_KEYS` may vary.
+    # {} = one run.
+    c.members = ml_collections.ConfigDict()
     return c
 
 
@@ -663,6 +668,82 @@ RUNTIME = Seam(
     _runtime_checks,
 )
 
+# ------------------------------------------------------------------------ population members
+# The keys members of one population may differ in: the seed and scalar hyperparameters, which
+# the vmapped step reads as per-member arrays. Every other key changes a shape or the program
+# (batch size, queue size, framework, width, ...) and needs runs of its own.
+MEMBER_KEYS = (
+    "seed",
+    "temperature",
+    "dt_m",
+    "lr",
+    "classifier_lr",
+    "weight_decay",
+    "base_tau_momentum",
+    "final_tau_momentum",
+)
+
+
+def member_points(config) -> list[dict]:
+    """{key: value} of each member of `config.members` (their grid, in the order listed); []
+    without members."""
+    grid = dict(config.get("members") or {})
+    if not grid:
+        return []
+    keys = list(grid)
+    return [dict(zip(keys, v, strict=True)) for v in itertools.product(*grid.values())]
+
+
+def member_configs(config) -> list:
+    """Each member's own config: `config` without `members`, with the member's values."""
+    configs = []
+    for point in member_points(config):
+        member = config.copy_and_resolve_references()
+        member.members = {}
+        member.update(point)
+        configs.append(member)
+    return configs
+
+
+def member_name(point: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def _is_members(v) -> bool:
+    mappings = (dict, ml_collections.ConfigDict)
+    return isinstance(v, mappings) and all(
+        isinstance(values, (list, tuple)) and len(values) > 0 for values in v.values()
+    )
+
+
+def _population_checks(c, num_devices):
+    for key in c.members:
+        if key not in DOMAINS:
+            yield unknown_keys_message([f"members.{key}"], [f"members.{k}" for k in MEMBER_KEYS])
+            return
+        if key not in MEMBER_KEYS:
+            yield (
+                f"members.{key}: {key} cannot vary across the members of one population (it "
+                f"changes a shape or the program); members may vary {', '.join(MEMBER_KEYS)}. "
+                f"Train other values as separate runs (a sweep)"
+            )
+            return
+    for index, point in enumerate(member_points(c)):
+        try:
+            member = c.copy_and_resolve_references()
+            member.members = {}
+            member.update(point)
+            check(member, SEAMS.values(), num_devices=num_devices)
+        except (ConfigError, TypeError) as error:
+            yield f"members: member {index} ({member_name(point)}): {error}"
+            return
+
+
+POPULATION = Seam(
+    {"members": Domain(_is_members, "a mapping of keys to non-empty lists of values")},
+    _population_checks,
+)
+
 SEAMS = {
     "data": DATA,
     "model": MODEL,
@@ -671,6 +752,7 @@ SEAMS = {
     "augmentation": AUGMENTATION,
     "evaluation": EVALUATION,
     "runtime": RUNTIME,
+    "population": POPULATION,
 }
 DOMAINS: dict[str, Domain] = {k: d for seam in SEAMS.values() for k, d in seam.domains.items()}
 

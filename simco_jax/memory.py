@@ -146,12 +146,17 @@ def device_memory_bytes(config) -> int | None:
     return None
 
 
-def check_fits(config, num_classes: int, num_devices: int, *, bank_rows: int = 0) -> None:
+def check_fits(
+    config, num_classes: int, num_devices: int, *, bank_rows: int = 0, members: int = 1
+) -> None:
     """Raises ConfigError, before anything compiles, if the per-device train batch, or the
-    evaluation batch with a kNN bank of `bank_rows` images, cannot fit."""
+    evaluation batch with a kNN bank of `bank_rows` images, cannot fit; with `members` > 1 (a
+    population), if that many members' steps cannot fit."""
     limit = device_memory_bytes(config)
     if limit is None:
         return
+    if members > 1:
+        _check_population_fits(config, num_classes, num_devices, limit, members)
     _check_train_fits(config, num_classes, num_devices, limit)
     fixed, per_image = eval_terms(config, num_classes, num_devices, bank_rows)
     need = SAFETY * (fixed + config.eval_batch_size * per_image)
@@ -181,4 +186,32 @@ def _check_train_fits(config, num_classes: int, num_devices: int, limit: int) ->
         f"per-device batch that fits is about {largest} (batch_size={largest * num_devices}); "
         "use more devices, a smaller batch_size, or dtype='bfloat16'. Gradient accumulation is "
         "not offered: it would shrink the in-batch negatives of SimCo and SimMoCo."
+    )
+
+
+def population_bytes(config, num_classes: int, num_devices: int, members: int) -> float:
+    """Estimated device bytes of a population's train step: the vmapped step holds every
+    member's state, gradients and activations at once (the batch is shared, not the work)."""
+    fixed, per_image = step_terms(config, num_classes)
+    return SAFETY * members * (fixed + config.batch_size // num_devices * per_image)
+
+
+def largest_population(config, num_classes: int, num_devices: int) -> int | None:
+    """The most members of `config` whose step fits a device; None where no limit is known."""
+    limit = device_memory_bytes(config)
+    if limit is None:
+        return None
+    return int(limit // population_bytes(config, num_classes, num_devices, 1))
+
+
+def _check_population_fits(config, num_classes, num_devices, limit, members: int) -> None:
+    need = population_bytes(config, num_classes, num_devices, members)
+    if need <= limit:
+        return
+    largest = largest_population(config, num_classes, num_devices)
+    raise config_lib.ConfigError(
+        f"{members} members of batch_size={config.batch_size} need about {need / 2**30:.1f} GiB "
+        f"per device (an analytic estimate, simco_jax/memory.py), but a device has "
+        f"{limit / 2**30:.1f} GiB; the largest population that fits is {largest} members. Use "
+        "fewer members (config.members), or more devices."
     )

@@ -11,6 +11,9 @@ A sweep file defines `get_sweep(variant=None)` returning a dict:
     overrides: optional {key: value} applied to every point before the grid values
     tied:      optional {key: other key}: key takes other key's value (e.g. a constant momentum:
                final_tau_momentum follows base_tau_momentum)
+    pack:      optional bool (or --pack): points that differ only in `config.MEMBER_KEYS` (seed,
+               temperature, dt_m, lr, ...) train as the members of one population run
+               (docs/population.md), in ROOT/population[,<shared grid values>]; the others alone
 
 Every point's config is built and checked before the first point trains: a missing sweep file,
 an unknown variant, grid key or framework, a value of the wrong type or an empty grid is one line
@@ -18,8 +21,9 @@ an unknown variant, grid key or framework, a value of the wrong type or an empty
 interrupted points and skips finished ones: those with a `sweep_point.json`). The table
 (ROOT/results.csv and ROOT/results.md) has one row per point: the grid values, the final
 online-probe top-1/top-5, the last kNN top-1, the steps trained, the wall time of the call that
-finished the point, and the hardware. `PUBLISHED` holds the official repository's batch-size
-table for plots beside it.
+finished the point, and the hardware; where the grid varies `seed`, a row per setting of the
+other keys gives each accuracy's mean ± std over the seeds. `PUBLISHED` holds the official
+repository's batch-size table for plots beside it.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def load_module(path: str):
     return module
 
 
-SWEEP_KEYS = ("base", "grid", "overrides", "tied")
+SWEEP_KEYS = ("base", "grid", "overrides", "tied", "pack")
 
 
 def frameworks() -> list[str]:
@@ -227,14 +231,15 @@ def run_point(config, workdir: str, point: dict) -> dict:
     return record
 
 
-def point_results(workdir: str) -> dict:
-    """The table's metrics of one point from its metrics.jsonl and sweep_point.json."""
+def point_results(workdir: str, suffix: str = "") -> dict:
+    """The table's metrics of one point from its metrics.jsonl and sweep_point.json; `suffix`:
+    the point's member in a packed population run ('_m1': its metrics are `probe_top1_m1`)."""
     row = dict.fromkeys(METRIC_COLUMNS, "")
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return row
     records = writers.read_metrics(workdir)
     for key in ("probe_top1", "probe_top5", "knn_top1"):
-        values = [r[key] for r in records if key in r]
+        values = [r[key + suffix] for r in records if key + suffix in r]
         row[key] = round(values[-1], 2) if values else ""
     row["steps"] = max((r["step"] for r in records), default="")
     done_path = os.path.join(workdir, DONE_FILE)
@@ -245,12 +250,16 @@ def point_results(workdir: str) -> dict:
     return row
 
 
-def write_tables(root: str, grid: dict, *, command: str = "") -> list[dict]:
-    """ROOT/results.csv and ROOT/results.md from every point's workdir; returns the rows."""
+def write_tables(root: str, grid: dict, *, command: str = "", locations=None) -> list[dict]:
+    """ROOT/results.csv and ROOT/results.md from every point's workdir (`locations`: point name
+    -> (workdir name, member suffix) of the packed points); returns the rows. Where the grid
+    varies `seed`, a row per setting of the other keys follows with the mean ± std over seeds."""
     rows = []
     for point in grid_points(grid):
-        results = point_results(os.path.join(root, point_name(point)))
+        where, suffix = (locations or {}).get(point_name(point), (point_name(point), ""))
+        results = point_results(os.path.join(root, where), suffix)
         rows.append({**{k: _format(v) for k, v in point.items()}, **results})
+    rows += seed_statistics(grid, rows)
     columns = [*grid, *METRIC_COLUMNS]
     with open(os.path.join(root, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -264,6 +273,96 @@ def write_tables(root: str, grid: dict, *, command: str = "") -> list[dict]:
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return rows
+
+
+SEED_STATISTICS = ("probe_top1", "probe_top5", "knn_top1")
+
+
+def seed_statistics(grid: dict, rows: list[dict]) -> list[dict]:
+    """One row per setting of the grid's other keys: the mean ± standard deviation (n - 1)
+    over its seeds of each accuracy; none unless the grid varies `seed`."""
+    if len(grid.get("seed", ())) < 2:
+        return []
+    others = [k for k in grid if k != "seed"]
+    settings = {}
+    for row in rows:
+        settings.setdefault(tuple(row[k] for k in others), []).append(row)
+    summary = []
+    for setting, group in settings.items():
+        row = dict.fromkeys([*grid, *METRIC_COLUMNS], "")
+        row.update(dict(zip(others, setting, strict=True)), seed="mean ± std")
+        for key in SEED_STATISTICS:
+            values = [r[key] for r in group if r[key] != ""]
+            if len(values) > 1:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                row[key] = f"{mean:.2f} ± {std:.2f}"
+        summary.append(row)
+    return summary
+
+
+# ------------------------------------------------------------------------ packing into members
+
+
+def packs(configs: list, cap: int | None = None) -> list[tuple[list[int], object]]:
+    """The points that can share one program, as (point indices, population config) pairs, the
+    indices in the order of the population's members; the rest alone, as ([index], None).
+
+    Points pack when their configs differ only in `config.MEMBER_KEYS` and their values of
+    those keys form a grid (`config.members` trains a grid): the population's members are then
+    exactly the points' configs. A group of more than `cap` members (the memory check's
+    largest population) trains as separate runs."""
+    groups = {}
+    for index, (_, config) in enumerate(configs):
+        if len(config.members):  # a point that is a population already
+            groups[("alone", index)] = [index]
+            continue
+        shared = {k: v for k, v in config.to_dict().items() if k not in config_lib.MEMBER_KEYS}
+        groups.setdefault(json.dumps(shared, sort_keys=True, default=str), []).append(index)
+    result = []
+    for indices in groups.values():
+        packed = _population_of([configs[i][1] for i in indices])
+        if packed is None or len(indices) < 2 or (cap is not None and len(indices) > cap):
+            result += [([i], None) for i in indices]
+        else:
+            population, order = packed
+            result.append(([indices[j] for j in order], population))
+    return sorted(result, key=lambda pack: min(pack[0]))
+
+
+def _population_of(configs: list):
+    """(the config whose members are `configs`, the index in `configs` of each member), or
+    None when they are not a grid."""
+    varying = [
+        key for key in config_lib.MEMBER_KEYS if len({json.dumps(c[key]) for c in configs}) > 1
+    ]
+    population = configs[0].copy_and_resolve_references()
+    population.members = {key: list(dict.fromkeys(c[key] for c in configs)) for key in varying}
+    wanted = [json.dumps(c.to_dict(), sort_keys=True) for c in configs]
+    members = [
+        json.dumps(m.to_dict(), sort_keys=True) for m in config_lib.member_configs(population)
+    ]
+    if sorted(members) != sorted(wanted) or len(set(wanted)) != len(wanted):
+        return None
+    return population, [wanted.index(m) for m in members]
+
+
+def pack_name(points: list[dict]) -> str:
+    """'population' and the grid values its points share: its workdir's name."""
+    shared = {k: v for k, v in points[0].items() if all(p[k] == v for p in points)}
+    return "population" + (f",{point_name(shared)}" if shared else "")
+
+
+def pack_locations(configs: list, cap: int | None = None) -> dict:
+    """{point name: (workdir name, member suffix)} of every packed point."""
+    locations = {}
+    for indices, population in packs(configs, cap):
+        if population is None:
+            continue
+        points = [configs[i][0] for i in indices]
+        for member, point in enumerate(points):
+            locations[point_name(point)] = (pack_name(points), f"_m{member}")
+    return locations
 
 
 def read_table(path: str) -> list[dict]:
@@ -290,39 +389,60 @@ def run_sweep(
     overrides: dict | None = None,
     tied: dict | None = None,
     command: str = "",
+    pack: bool = False,
 ) -> list[dict]:
     """Checks every point's config, then runs every unfinished point of `grid`, then writes the
-    tables; returns the table's rows."""
+    tables; returns the table's rows. `pack`: points that can share a program train as the
+    members of one population run (`packs`), in ROOT/population[,<shared values>]."""
     sweep = dict(base=base_config_path_or_config, grid=grid, overrides=overrides, tied=tied)
     configs = point_configs(sweep, variant, num_devices=jax.device_count())
     _make_root(root_workdir)
-    points = [point for point, _ in configs]
-    done = [os.path.exists(os.path.join(root_workdir, point_name(p), DONE_FILE)) for p in points]
+    jobs = []  # (name, config, the points it trains)
+    for indices, population in (
+        packs(configs, _cap(configs)) if pack else [([i], None) for i in range(len(configs))]
+    ):
+        points = [configs[i][0] for i in indices]
+        if population is None:
+            jobs.append((point_name(points[0]), configs[indices[0]][1], points[0]))
+        else:
+            jobs.append((pack_name(points), population, {"members": points}))
+    done = [os.path.exists(os.path.join(root_workdir, name, DONE_FILE)) for name, _, _ in jobs]
     # A bar on a terminal; elsewhere the log lines below say it all (no throttled repeats).
     task = progress.Task(
-        "sweep", len(points), enabled=parallel.is_main_process(), interval_s=math.inf
+        "sweep", len(jobs), enabled=parallel.is_main_process(), interval_s=math.inf
     )
     durations = []  # seconds of the points trained by this call
     try:
-        for index, (point, config) in enumerate(configs, start=1):
-            name, workdir = point_name(point), os.path.join(root_workdir, point_name(point))
+        for index, (name, config, point) in enumerate(jobs, start=1):
+            workdir = os.path.join(root_workdir, name)
             if done[index - 1]:
-                log.info("[%d/%d] %s: skipped (finished)", index, len(points), name)
+                log.info("[%d/%d] %s: skipped (finished)", index, len(jobs), name)
                 continue
             eta = progress.format_eta(sweep_eta_s(durations, done[index:].count(False)))
-            task.update(index - 1, f"[{index}/{len(points)}] {name} | ETA {eta}")
+            task.update(index - 1, f"[{index}/{len(jobs)}] {name} | ETA {eta}")
             log.info(
-                "[%d/%d] %s: training in %s (sweep ETA %s)", index, len(points), name, workdir, eta
+                "[%d/%d] %s: training in %s (sweep ETA %s)", index, len(jobs), name, workdir, eta
             )
             start = time.perf_counter()
             if run_point(config, workdir, point).get("preempted"):
                 log.warning("preempted during %s: rerun the same command to resume", workdir)
                 break
             durations.append(time.perf_counter() - start)
-            task.update(index, f"[{index}/{len(points)}] {name} finished")
+            task.update(index, f"[{index}/{len(jobs)}] {name} finished")
     finally:
         task.close()
-    return write_tables(root_workdir, grid, command=command)
+    locations = pack_locations(configs, _cap(configs)) if pack else None
+    return write_tables(root_workdir, grid, command=command, locations=locations)
+
+
+def _cap(configs: list) -> int | None:
+    """The most members of a population of these points that fit a device (memory.py)."""
+    from simco_jax import memory  # noqa: PLC0415 - only a packed sweep asks
+
+    config = configs[0][1]
+    # The probe's classes barely move the estimate: synthetic data's, else ImageNet's 1000.
+    classes = config.synthetic_num_classes if config.dataset == "synthetic" else 1000
+    return memory.largest_population(config, classes, jax.device_count())
 
 
 def _make_root(root: str) -> None:
@@ -352,6 +472,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--table_only", action="store_true", help="only rewrite the tables from existing runs"
     )
+    parser.add_argument(
+        "--pack",
+        action="store_true",
+        help="train the points that can share a program as one population run (also: the "
+        "sweep file's 'pack': True)",
+    )
     args = parser.parse_args(argv)
     # force: importing Orbax already logged through absl, whose first log call before app.run
     # installs logging's default handler (and format) on the root logger.
@@ -364,10 +490,12 @@ def main(argv=None) -> None:
     )
     try:
         sweep = load_sweep(args.sweep, args.variant)
+        pack = args.pack or bool(sweep.get("pack"))
         if args.table_only:
-            point_configs(sweep, args.variant)  # the same checks: a typo is not a table
+            configs = point_configs(sweep, args.variant)  # the same checks: a typo is no table
             _make_root(args.workdir)
-            rows = write_tables(args.workdir, sweep["grid"], command=command)
+            locations = pack_locations(configs, _cap(configs)) if pack else None
+            rows = write_tables(args.workdir, sweep["grid"], command=command, locations=locations)
         else:
             rows = run_sweep(
                 sweep.get("base", DEFAULT_BASE),
@@ -377,6 +505,7 @@ def main(argv=None) -> None:
                 overrides=sweep.get("overrides"),
                 tied=sweep.get("tied"),
                 command=command,
+                pack=pack,
             )
     except EXPECTED_ERRORS as error:
         cli.fail(str(error))

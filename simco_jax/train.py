@@ -21,6 +21,7 @@ from simco_jax import (
     loop,
     memory,
     parallel,
+    population,
     progress,
     train_step,
     writers,
@@ -118,6 +119,11 @@ def _describe(config, data, steps_per_epoch: int, start_step: int) -> None:
 
 def _train(config, workdir: str, stop_signal: dict) -> dict:
     main = parallel.is_main_process()
+    members = config_lib.member_configs(config)
+    # One member is an ordinary run with its values; several train as one population.
+    pop = population.Population(config) if len(members) > 1 else None
+    if len(members) == 1:
+        config = members[0]
     # ---------------------------------------------------------------- resume checks (no data yet)
     finished = _resume_check(config, workdir)
     if finished is not None:
@@ -128,17 +134,26 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     data = inputs.create(config, mesh)  # resident arrays or a per-process stream: see `inputs`
     # An analytic estimate: a batch too large for the device fails here, not after compiling.
     bank_rows = data.knn_bank.num_examples  # the kNN monitor's bank
-    memory.check_fits(config, data.num_classes, jax.device_count(), bank_rows=bank_rows)
+    memory.check_fits(
+        config, data.num_classes, jax.device_count(), bank_rows=bank_rows, members=len(members)
+    )
     steps_per_epoch = data.num_train // config.batch_size
     total_steps = _total_steps(config, steps_per_epoch)
 
     # ---------------------------------------------------------------- model, optimizer, state
-    comps = train_step.build_components(config, data.num_classes, steps_per_epoch)
+    comps = train_step.build_components(
+        pop.config if pop else config, data.num_classes, steps_per_epoch
+    )
     replicated = parallel.replicated(mesh)
     init = jax.jit(
         lambda: train_step.create_train_state(config, comps, data.image_shape),
         out_shardings=replicated,
     )
+    if pop:  # the members' states stacked on a leading axis
+        init = jax.jit(
+            lambda: pop.init(data.num_classes, steps_per_epoch, data.image_shape),
+            out_shardings=replicated,
+        )
     state = init()
     record = checkpointing.compatibility_record(
         config,
@@ -168,10 +183,15 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     step_fn = train_step.make_train_step(config, comps)
     # 1 on CPU (see steps_per_dispatch) and when streaming (one host batch per step).
     dispatch_steps = train_step.steps_per_dispatch(config) if data.train.fuses_steps else 1
+    chunk_fn = train_step.make_train_chunk(
+        config, comps, step_fn, chunk_size=dispatch_steps, select=data.train.select
+    )
+    if pop:
+        chunk_fn = pop.make_chunk(
+            data.num_classes, steps_per_epoch, chunk_size=dispatch_steps, select=data.train.select
+        )
     chunk = jax.jit(
-        train_step.make_train_chunk(
-            config, comps, step_fn, chunk_size=dispatch_steps, select=data.train.select
-        ),
+        chunk_fn,
         in_shardings=(replicated, data.train.sharding, None),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -181,6 +201,10 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
     eval_data = evaluate.FeatureBackend(config, comps.model, comps.probe, data, mesh)
     context = evaluate.Context(config, comps, data, mesh, eval_data)
     evaluators = evaluate.make_evaluators(config, context)
+    if pop:
+        evaluators = pop.evaluators(evaluators)
+        if main:
+            log.info("training %d members as one population: %s", pop.size, pop.describe())
 
     # ---------------------------------------------------------------- train loop
     train_loop = loop.Loop(
@@ -207,6 +231,11 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         stop_signal=stop_signal,
         evaluators=evaluators,
     )
+    if pop:  # a non-finite metric names its member; the progress line shows each one's loss
+        train_loop.advice = f"The members: {pop.describe()}. {train_loop.advice}"
+        train_loop.display.shown = tuple(
+            (f"loss{population.member_suffix(i)}", f"loss m{i}", ".4f") for i in range(pop.size)
+        )
     try:
         state, summary = train_loop.run(state, start_step)
     finally:

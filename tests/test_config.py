@@ -212,6 +212,12 @@ BAD_VALUES = {
     "keep_checkpoints": [0, -1],
     "device_memory_gb": [-1.0, math.inf],
     "max_steps": [0, -2],
+    "members": [
+        {"batch_size": [32, 64]},  # a shape: members cannot differ in it
+        {"seed": []},
+        {"tempreature": [0.1, 0.2]},
+        {"temperature": [0.1, -1.0]},  # member 1's own config is refused
+    ],
 }
 
 

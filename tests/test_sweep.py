@@ -4,9 +4,11 @@ import csv
 import glob
 import logging
 import os
+import signal
 
+import numpy as np
 import pytest
-from helpers import REPO, framework_config, run_python
+from helpers import REPO, framework_config, launched, run_python, wait_until
 
 from simco_jax import config as config_lib
 from simco_jax import sweep, train, writers
@@ -302,3 +304,53 @@ def test_cli_refuses_an_unknown_variant_before_anything_runs(tmp_path):
         "smoke, cifar10, cifar100 (comma-separated, e.g. :smoke,cifar10)"
     )
     assert not root.exists()
+
+
+# ------------------------------------------------- packed into population runs
+
+
+def test_seeds_and_temperatures_pack_into_one_population_run_with_mean_and_std(tmp_path):
+    grid = {"seed": [0, 1], "temperature": [0.1, 0.2]}
+    base = framework_config("simco", max_steps=2, synthetic_num_train=96, backbone_width=8)
+    configs = sweep.point_configs(dict(base=base, grid=grid), None)
+    ((indices, population),) = sweep.packs(configs)  # one population of the four points
+    assert sorted(indices) == [0, 1, 2, 3] and population is not None
+    root = str(tmp_path / "sweep")
+    # SIGKILL after the first checkpoint: the rerun resumes the population run.
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from helpers import framework_config\n"
+        "from simco_jax import sweep\n"
+        f"base = framework_config('simco', max_steps=2, synthetic_num_train=96, "
+        f"backbone_width=8, checkpoint_every_steps=1)\n"
+        f"sweep.run_sweep(base, {grid!r}, {root!r}, pack=True)\n"
+    )
+    with launched(["-c", script], tmp_path / "log") as process:
+        wait_until(
+            lambda: os.path.isdir(os.path.join(root, "population", "checkpoints", "1")),
+            [(process, tmp_path / "log")],
+            "the population's first checkpoint",
+        )
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not os.path.exists(os.path.join(root, "population", sweep.DONE_FILE))
+    run_python(["-c", script])
+    assert sorted(os.listdir(root)) == ["population", "results.csv", "results.md"]
+    rows = sweep.read_table(os.path.join(root, "results.csv"))
+    assert [(r["seed"], r["temperature"]) for r in rows] == [
+        (0.0, 0.1),
+        (0.0, 0.2),
+        (1.0, 0.1),
+        (1.0, 0.2),
+        ("mean ± std", 0.1),
+        ("mean ± std", 0.2),
+    ]
+    records = writers.read_metrics(os.path.join(root, "population"))
+    final = [r for r in records if "probe_top1_m0" in r][-1]
+    order = [(m.seed, m.temperature) for m in config_lib.member_configs(population)]
+    for row in rows[:4]:
+        member = order.index((int(row["seed"]), row["temperature"]))
+        assert row["probe_top1"] == round(final[f"probe_top1_m{member}"], 2)
+    values = [rows[i]["probe_top1"] for i in (0, 2)]
+    mean, std = np.mean(values), np.std(values, ddof=1)
+    assert rows[4]["probe_top1"] == f"{mean:.2f} ± {std:.2f}"
