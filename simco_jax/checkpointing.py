@@ -439,19 +439,27 @@ def _saved_num_classes(ckpt: Checkpointer, directory: str) -> int:
     raise CheckpointError(f"no readable checkpoint in {directory}")
 
 
-def restore_run(workdir: str) -> RestoredRun:
+def restore_run(workdir: str, member: int = -1) -> RestoredRun:
     """Rebuilds a run's model and restores its latest TrainState, as the trainer does on resume.
 
     As on resume, an unreadable latest checkpoint is skipped with a warning (and set aside by
-    `Checkpointer`) for the one before it.
+    `Checkpointer`) for the one before it. A population run (config.members) restores member
+    `member`'s state and config, as if that member had trained alone; a plain run has none.
     """
+    from simco_jax import population  # builds on train_step, as this module does
+
     config = load_run_config(workdir)
-    members = len(config_lib.member_points(config))
-    if members > 1:
+    points = config_lib.member_points(config)
+    if len(points) > 1 and not 0 <= member < len(points):
+        names = "; ".join(f"{i}: {config_lib.member_name(p)}" for i, p in enumerate(points))
         raise CheckpointError(
-            f"{workdir} is a population run of {members} members (config.members); the linear "
-            "evaluation and the export read one run's state and do not take a population yet"
+            f"{workdir} is a population run of {len(points)} members ({names}); choose one "
+            f"with member=0..{len(points) - 1}" + ("" if member == -1 else f" (got {member})")
         )
+    if len(points) <= 1 and member not in (-1, 0):
+        raise CheckpointError(f"{workdir} is not a population run: it has no member {member}")
+    if len(points) == 1:  # one member trains as an ordinary run with its values
+        config = config_lib.member_configs(config)[0]
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointError(f"{workdir} has no checkpoints/ directory")
@@ -460,16 +468,24 @@ def restore_run(workdir: str) -> RestoredRun:
         num_classes = _saved_num_classes(ckpt, directory)
         ckpt.record = compatibility_record(config, num_classes)
         mesh = parallel.make_mesh()
-        comps = train_step.build_components(config, num_classes, steps_per_epoch=1)
         image_shape = (config.crop_size, config.crop_size, 3)  # only the channel count matters
-        template = jax.jit(
-            lambda: train_step.create_train_state(config, comps, image_shape),
-            out_shardings=parallel.replicated(mesh),
-        )()
+        pop = population.Population(config) if len(points) > 1 else None
+        if pop:
+            config = pop.configs[member]
+        comps = train_step.build_components(config, num_classes, steps_per_epoch=1)
+
+        def template():  # the trainer's state: stacked for a population
+            if pop:
+                return pop.init(num_classes, 1, image_shape)
+            return train_step.create_train_state(config, comps, image_shape)
+
+        template = jax.jit(template, out_shardings=parallel.replicated(mesh))()
         state = ckpt.restore_latest(template)
     finally:
         ckpt.close()
     if state is None:
         raise CheckpointError(f"no readable checkpoint in {directory}")
+    if pop:
+        state = pop.member(state, member)
     step = int(parallel.to_host(state.step))
     return RestoredRun(config, state, step, num_classes, comps, mesh)

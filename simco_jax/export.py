@@ -412,11 +412,14 @@ def describe_export(path, tensors: Mapping[str, np.ndarray]) -> str:
     return f"{what}{how}\n\n{snippet}"
 
 
-def export_run(workdir, out, *, include_projector: bool = False) -> dict[str, np.ndarray]:
-    """Restores a training run's latest checkpoint and exports its online encoder to `out`."""
+def export_run(
+    workdir, out, *, include_projector: bool = False, member: int = -1
+) -> dict[str, np.ndarray]:
+    """Restores a training run's latest checkpoint (member `member` of a population run) and
+    exports its online encoder to `out`."""
     from simco_jax import checkpointing  # the one place that restores a run from its workdir
 
-    run = checkpointing.restore_run(workdir)
+    run = checkpointing.restore_run(workdir, member)
     params = jax.tree.map(np.asarray, run.state.params)
     batch_stats = jax.tree.map(np.asarray, run.state.batch_stats)
     return export_torch_state_dict(
@@ -476,12 +479,17 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", required=True, help="the training run's --workdir")
     parser.add_argument("--out", required=True, help="output .safetensors path")
     parser.add_argument("--include_projector", action="store_true")
+    parser.add_argument(
+        "--member", type=int, default=-1, help="the member of a population run (config.members)"
+    )
     args = parser.parse_args(argv)
     problem = argument_error(args.workdir, args.out)
     if problem:
         cli.fail(problem)
     try:
-        tensors = export_run(args.workdir, args.out, include_projector=args.include_projector)
+        tensors = export_run(
+            args.workdir, args.out, include_projector=args.include_projector, member=args.member
+        )
     except (checkpointing.CheckpointError, config_lib.ConfigError) as error:
         cli.fail(str(error))
     except OSError as error:  # e.g. writing --out: a full disk, a vanished directory

@@ -48,6 +48,7 @@ SCHEDULES = ("cosine", "step", "constant")
 # (the others, e.g. mode, knn_k, eval_dataset, linear_max_steps, may change on resume).
 STATE_KEYS = (
     "pretrained",
+    "member",
     "linear_epochs",
     "linear_lr",
     "linear_batch_size",
@@ -63,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The linear-evaluation keys (solo-learn's CIFAR linear protocol by default)."""
     c = ml_collections.ConfigDict()
     c.pretrained = ""  # the pretraining run's --workdir (holds config.json and checkpoints/)
+    c.member = -1  # which member of a population run (config.members) to evaluate; -1: a plain run
     # A run whose training has not reached its last step is refused unless this is set (its
     # latest checkpoint is evaluated then).
     c.allow_unfinished = False
@@ -96,6 +98,7 @@ def _linear_eval_checks(config, num_devices):
 SEAM = config_lib.Seam(
     {
         "pretrained": config_lib.TEXT,
+        "member": config_lib.integer(-1),
         "mode": config_lib.one_of(*MODES),
         "linear_epochs": config_lib.integer(1, 100_000),
         "linear_lr": config_lib.LEARNING_RATE,
@@ -326,7 +329,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         lock = workdir_lib.WorkdirLock(workdir, jax.process_index())
     try:
         with loop.stop_signals() as stop_signal:
-            run = checkpointing.restore_run(config.pretrained)
+            run = checkpointing.restore_run(config.pretrained, config.member)
             data, eval_config = _inputs(config, run)
             if lock is None:  # every check passed: the workdir is made now
                 os.makedirs(workdir, exist_ok=True)
@@ -508,6 +511,11 @@ def _evaluate(config, workdir, run, data, eval_config, record, directories, stop
         "eval_dataset": eval_config.eval_dataset or data.name,
         "device": _device_description(),
     }
+    # A population's members are evaluated one at a time: their results must not overwrite
+    # each other beside the run's checkpoint.
+    suffix = ""
+    if config.member >= 0:
+        common["member"], suffix = config.member, f"_m{config.member}"
     written = " and ".join(directories)
     output = {}
     if linear:
@@ -540,15 +548,16 @@ def _evaluate(config, workdir, run, data, eval_config, record, directories, stop
             "wall_s": end - start,
         }
     for mode, values in output.items():
-        _write_json(values, directories, name=f"{mode}_eval.json")
+        _write_json(values, directories, name=f"{mode}_eval{suffix}.json")
         if main:
             log.info(
-                "%s eval: top-1 %.2f top-5 %.2f on %d test images; wrote %s_eval.json to %s",
+                "%s eval: top-1 %.2f top-5 %.2f on %d test images; wrote %s_eval%s.json to %s",
                 "linear" if mode == "linear" else "kNN",
                 values["top1"],
                 values["top5"],
                 values["eval_examples"],
                 mode,
+                suffix,
                 written,
             )
     return output

@@ -439,10 +439,9 @@ def _cap(configs: list) -> int | None:
     """The most members of a population of these points that fit a device (memory.py)."""
     from simco_jax import memory  # noqa: PLC0415 - only a packed sweep asks
 
-    config = configs[0][1]
-    # The probe's classes barely move the estimate: synthetic data's, else ImageNet's 1000.
-    classes = config.synthetic_num_classes if config.dataset == "synthetic" else 1000
-    return memory.largest_population(config, classes, jax.device_count())
+    # The probe's classes barely move the estimate and are not known before the data is
+    # loaded: ImageNet's 1000 bound every source's.
+    return memory.largest_population(configs[0][1], 1000, jax.device_count())
 
 
 def _make_root(root: str) -> None:

@@ -212,13 +212,42 @@ def test_a_population_on_8_devices_is_the_population_on_1(tmp_path):
         assert losses[1][key] == pytest.approx(value, rel=1e-5)
 
 
-def test_the_linear_evaluation_and_export_refuse_a_population_in_one_line(tmp_path):
+def test_the_linear_evaluation_and_the_export_take_one_member_of_a_population(tmp_path):
+    import importlib
     import json
 
-    from simco_jax import checkpointing
+    from helpers import assert_trees_equal
 
-    config = framework_config("simco", "smoke")
+    from simco_jax import checkpointing, export, linear_eval, train
+
+    config = framework_config("simco", "smoke", **SMALL, max_steps=2)
     config.members = {"seed": [0, 1]}
-    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    with pytest.raises(checkpointing.CheckpointError, match="a population run of 2 members"):
-        checkpointing.restore_run(str(tmp_path))
+    run = str(tmp_path / "run")
+    state = train.train_and_evaluate(config, run)["state"]
+    pop = population.Population(config)
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"population run of 2 members \(0: seed=0; 1: seed=1\); choose one with member=0..1$",
+    ):
+        checkpointing.restore_run(run)
+    restored = checkpointing.restore_run(run, 1)
+    assert restored.config.seed == 1 and not restored.config.members and restored.step == 2
+    assert_trees_equal(restored.state, pop.member(state, 1))
+    # The linear evaluation of member 1: its results named after it, beside the run's.
+    linear = importlib.import_module("configs.linear_eval").get_config("smoke")
+    linear.update(pretrained=run, member=1, mode="knn")
+    results = linear_eval.evaluate_checkpoint(linear, str(tmp_path / "linear_m1"))
+    saved = json.loads((tmp_path / "run" / "knn_eval_m1.json").read_text())
+    assert saved["member"] == 1 and saved["top1"] == results["knn"]["top1"]
+    # The export of member 0 is member 0's encoder.
+    tensors = export.export_run(run, str(tmp_path / "m0.safetensors"), member=0)
+    member0 = pop.member(state, 0)
+    expected = export.export_torch_state_dict(
+        jax.tree.map(np.asarray, member0.params),
+        jax.tree.map(np.asarray, member0.batch_stats),
+        str(tmp_path / "expected.safetensors"),
+        backbone=config.backbone,
+    )
+    assert tensors.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
