@@ -728,11 +728,9 @@ def _population_checks(c, num_devices):
                 f"Train other values as separate runs (a sweep)"
             )
             return
-    for index, point in enumerate(member_points(c)):
+    points = member_points(c)
+    for index, (point, member) in enumerate(zip(points, member_configs(c), strict=True)):
         try:
-            member = c.copy_and_resolve_references()
-            member.members = {}
-            member.update(point)
             check(member, SEAMS.values(), num_devices=num_devices)
         except (ConfigError, TypeError) as error:
             yield f"members: member {index} ({member_name(point)}): {error}"

@@ -145,15 +145,11 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         pop.config if pop else config, data.num_classes, steps_per_epoch
     )
     replicated = parallel.replicated(mesh)
-    init = jax.jit(
-        lambda: train_step.create_train_state(config, comps, data.image_shape),
-        out_shardings=replicated,
-    )
     if pop:  # the members' states stacked on a leading axis
-        init = jax.jit(
-            lambda: pop.init(data.num_classes, steps_per_epoch, data.image_shape),
-            out_shardings=replicated,
-        )
+        create = lambda: pop.init(data.num_classes, steps_per_epoch, data.image_shape)  # noqa: E731
+    else:
+        create = lambda: train_step.create_train_state(config, comps, data.image_shape)  # noqa: E731
+    init = jax.jit(create, out_shardings=replicated)
     state = init()
     record = checkpointing.compatibility_record(
         config,
@@ -180,15 +176,16 @@ def _train(config, workdir: str, stop_signal: dict) -> dict:
         _describe(config, data, steps_per_epoch, start_step)
 
     # ---------------------------------------------------------------- jitted chunk of steps
-    step_fn = train_step.make_train_step(config, comps)
     # 1 on CPU (see steps_per_dispatch) and when streaming (one host batch per step).
     dispatch_steps = train_step.steps_per_dispatch(config) if data.train.fuses_steps else 1
-    chunk_fn = train_step.make_train_chunk(
-        config, comps, step_fn, chunk_size=dispatch_steps, select=data.train.select
-    )
-    if pop:
+    if pop:  # the same chunk, vmapped over the members
         chunk_fn = pop.make_chunk(
             data.num_classes, steps_per_epoch, chunk_size=dispatch_steps, select=data.train.select
+        )
+    else:
+        step_fn = train_step.make_train_step(config, comps)
+        chunk_fn = train_step.make_train_chunk(
+            config, comps, step_fn, chunk_size=dispatch_steps, select=data.train.select
         )
     chunk = jax.jit(
         chunk_fn,
