@@ -4,7 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import first_batch_setup, framework_config, run_python
+from helpers import (
+    HOST_A,
+    HOST_AVX512,
+    assert_equals_a_recorded_host,
+    first_batch_setup,
+    framework_config,
+    run_python,
+)
 
 from simco_jax import (
     augment,
@@ -25,62 +32,154 @@ from simco_jax import config as config_lib
 # ---------------------------------------------------------------------------------------------
 
 # Smoke config, max_steps=8 (one epoch), through train.train_and_evaluate on CPU float32; recorded
-# with the train step of commit e0eb2ed (before `simco_jax.methods`).
+# with the train step from before `simco_jax.methods` existed, on each kind of host
+# (helpers.HOST_A).
 PINNED_RUNS = {
-    "simco": dict(
-        losses=[3.514998435974121, 3.4612197875976562],
-        probe_losses=[2.451085329055786, 2.3845059871673584],
-        final=dict(probe_top1=9.375, probe_top5=59.375, knn_top1=71.875, knn_top5=100.0),
-        params_sum=329.00202626937903,
-        probe_sum=1.7063605626681237,
-    ),
-    "simmoco": dict(
-        losses=[3.5279839038848877, 3.490118980407715],
-        probe_losses=[2.44537353515625, 2.3804192543029785],
-        final=dict(probe_top1=9.375, probe_top5=57.8125, knn_top1=62.5, knn_top5=96.875),
-        params_sum=327.8014815701407,
-        probe_sum=1.7063605640432797,
-    ),
-    "mocov2": dict(
-        losses=[5.022121429443359, 5.594769477844238],
-        probe_losses=[2.442625045776367, 2.405014991760254],
-        final=dict(probe_top1=9.375, probe_top5=50.0, knn_top1=35.9375, knn_top5=90.625),
-        params_sum=328.5283619820581,
-        probe_sum=1.7063608129683416,
-    ),
+    "simco": {
+        HOST_A: dict(
+            losses=[3.514998435974121, 3.4612197875976562],
+            probe_losses=[2.451085329055786, 2.3845059871673584],
+            final=dict(probe_top1=9.375, probe_top5=59.375, knn_top1=71.875, knn_top5=100.0),
+            params_sum=329.00202626937903,
+            probe_sum=1.7063605626681237,
+        ),
+        HOST_AVX512: dict(
+            losses=[3.5149431228637695, 3.4617063999176025],
+            probe_losses=[2.4510717391967773, 2.386296033859253],
+            final=dict(probe_top1=9.375, probe_top5=62.5, knn_top1=75.0, knn_top5=98.4375),
+            params_sum=329.11589232706547,
+            probe_sum=1.7063607225791202,
+        ),
+    },
+    "simmoco": {
+        HOST_A: dict(
+            losses=[3.5279839038848877, 3.490118980407715],
+            probe_losses=[2.44537353515625, 2.3804192543029785],
+            final=dict(probe_top1=9.375, probe_top5=57.8125, knn_top1=62.5, knn_top5=96.875),
+            params_sum=327.8014815701407,
+            probe_sum=1.7063605640432797,
+        ),
+        HOST_AVX512: dict(
+            losses=[3.5279839038848877, 3.490118980407715],
+            probe_losses=[2.44537353515625, 2.3804194927215576],
+            final=dict(probe_top1=9.375, probe_top5=57.8125, knn_top1=62.5, knn_top5=96.875),
+            params_sum=327.80148364386696,
+            probe_sum=1.7063606264418922,
+        ),
+    },
+    "mocov2": {
+        HOST_A: dict(
+            losses=[5.022121429443359, 5.594769477844238],
+            probe_losses=[2.442625045776367, 2.405014991760254],
+            final=dict(probe_top1=9.375, probe_top5=50.0, knn_top1=35.9375, knn_top5=90.625),
+            params_sum=328.5283619820581,
+            probe_sum=1.7063608129683416,
+        ),
+        HOST_AVX512: dict(
+            losses=[5.022121429443359, 5.594769477844238],
+            probe_losses=[2.442625045776367, 2.405014991760254],
+            final=dict(probe_top1=9.375, probe_top5=50.0, knn_top1=35.9375, knn_top5=90.625),
+            params_sum=328.5283652789811,
+            probe_sum=1.7063607798190787,
+        ),
+    },
 }
 
-# Two jitted steps on the first batch (mocov2 with a 64-key queue), same commit: the losses, and
-# float64 sums of the online params and BatchNorm statistics, the momentum params and the queue.
+# Two jitted steps on the first batch (mocov2 with a 64-key queue), recorded as above: the losses,
+# and float64 sums of the online params and BatchNorm statistics, the momentum params (None
+# without a momentum encoder) and the queue (None without one).
 PINNED_STEPS = {
-    "simco": ([3.5905263423919678, 3.5121545791625977], 328.0767939596428, 288.3641599373368),
-    "simmoco": ([3.604640007019043, 3.548600673675537], 328.0841629961346, 288.09763724049844),
-    "mocov2": ([0.205792635679245, 3.5694680213928223], 328.30497367707426, 288.1768110952398),
+    "simco": {
+        HOST_A: (
+            [3.5905263423919678, 3.5121545791625977],
+            328.0767939596428,
+            288.3641599373368,
+            None,
+            None,
+        ),
+        HOST_AVX512: (
+            [3.590526580810547, 3.512155294418335],
+            328.0767935868363,
+            288.36415760492673,
+            None,
+            None,
+        ),
+    },
+    "simmoco": {
+        HOST_A: (
+            [3.604640007019043, 3.548600673675537],
+            328.0841629961346,
+            288.09763724049844,
+            328.24802378269885,
+            None,
+        ),
+        HOST_AVX512: (
+            [3.604640007019043, 3.548600435256958],
+            328.0841626463848,
+            288.0976364786766,
+            328.2480237412355,
+            None,
+        ),
+    },
+    "mocov2": {
+        HOST_A: (
+            [0.205792635679245, 3.5694680213928223],
+            328.30497367707426,
+            288.1768110952398,
+            328.25108124528765,
+            3.5287625499186106,
+        ),
+        HOST_AVX512: (
+            [0.20579272508621216, 3.5694680213928223],
+            328.304973924161,
+            288.1768091098493,
+            328.2510812648434,
+            3.5287577068665996,
+        ),
+    },
 }
-PINNED_MOMENTUM = {"simmoco": 328.24802378269885, "mocov2": 328.25108124528765}
-PINNED_QUEUE = {"mocov2": 3.5287625499186106}
 
-# BYOL and SimSiam, the same two steps, recorded once they followed solo-learn (issue 21), which
-# changed their numbers: the classifier's lr is scaled by batch/256 (0.1 becomes 0.0125 at the
-# smoke batch of 32), BYOL's classifier trains inside LARS, SimSiam's predictor lost the bias of
-# its first Linear. (losses, probe losses, sums of params, batch_stats, probe, momentum params)
+# BYOL and SimSiam, the same two steps, recorded once they followed solo-learn, which changed
+# their numbers: the classifier's lr is scaled by batch/256 (0.1 becomes 0.0125 at the smoke batch
+# of 32), BYOL's classifier trains inside LARS, SimSiam's predictor lost the bias of its first
+# Linear. (losses, probe losses, sums of params, batch_stats, probe, momentum params)
 PINNED_SOLO_LEARN_STEPS = {
-    "byol": (
-        [3.6171202659606934, 3.7399964332580566],
-        [2.5093188285827637, 2.491739273071289],
-        359.3480876347079,
-        309.77243205183186,
-        1.7063603708229493,
-        344.2517306413012,
-    ),
-    "simsiam": (
-        [-0.05739402398467064, -0.04052235931158066],
-        [2.5093188285827637, 2.47802996635437],
-        376.35609605766496,
-        333.31902490545923,
-        1.7063605307921534,
-        None,
-    ),
+    "byol": {
+        HOST_A: (
+            [3.6171202659606934, 3.7399964332580566],
+            [2.5093188285827637, 2.491739273071289],
+            359.3480876347079,
+            309.77243205183186,
+            1.7063603708229493,
+            344.2517306413012,
+        ),
+        HOST_AVX512: (
+            [3.6171202659606934, 3.739996910095215],
+            [2.5093183517456055, 2.491739273071289],
+            359.3480860170928,
+            309.77242998786096,
+            1.7063603800052078,
+            344.2517306094594,
+        ),
+    },
+    "simsiam": {
+        HOST_A: (
+            [-0.05739402398467064, -0.04052235931158066],
+            [2.5093188285827637, 2.47802996635437],
+            376.35609605766496,
+            333.31902490545923,
+            1.7063605307921534,
+            None,
+        ),
+        HOST_AVX512: (
+            [-0.05739407241344452, -0.04052247107028961],
+            [2.5093183517456055, 2.47802996635437],
+            376.35570932455767,
+            333.3190232933925,
+            1.706360488802602,
+            None,
+        ),
+    },
 }
 
 
@@ -96,16 +195,15 @@ def test_old_frameworks_take_bit_identical_steps(framework):
     for _ in range(2):
         state, metrics = step(state, images, labels)
         losses_seen.append(float(metrics["loss"]))
-    expected_losses, params_sum, stats_sum = PINNED_STEPS[framework]
-    assert losses_seen == expected_losses
-    assert _sum(state.params) == params_sum
-    assert _sum(state.batch_stats) == stats_sum
-    if framework in PINNED_MOMENTUM:
-        assert _sum(state.method_state["momentum_params"]) == PINNED_MOMENTUM[framework]
-    else:
-        assert state.method_state["momentum_params"] is None
-    if framework in PINNED_QUEUE:
-        assert _sum(state.method_state["queue"]) == PINNED_QUEUE[framework]
+    momentum, queue = state.method_state["momentum_params"], state.method_state["queue"]
+    got = (
+        losses_seen,
+        _sum(state.params),
+        _sum(state.batch_stats),
+        None if momentum is None else _sum(momentum),
+        None if queue is None else _sum(queue),
+    )
+    assert_equals_a_recorded_host(got, PINNED_STEPS[framework], framework)
 
 
 @pytest.mark.parametrize("framework", sorted(PINNED_SOLO_LEARN_STEPS))
@@ -125,7 +223,7 @@ def test_byol_and_simsiam_take_pinned_steps(framework):
         _sum(state.probe_params),
         None if momentum is None else _sum(momentum),
     )
-    assert got == PINNED_SOLO_LEARN_STEPS[framework]
+    assert_equals_a_recorded_host(got, PINNED_SOLO_LEARN_STEPS[framework], framework)
 
 
 @pytest.mark.slow
@@ -134,13 +232,15 @@ def test_old_frameworks_give_bit_identical_smoke_metrics(framework, tmp_path):
     config = framework_config(framework, max_steps=8)
     summary = train.train_and_evaluate(config, str(tmp_path))
     records = writers.read_metrics(str(tmp_path))
-    pinned = PINNED_RUNS[framework]
-    assert [r["loss"] for r in records if "loss" in r] == pinned["losses"]
-    assert [r["probe_loss"] for r in records if "loss" in r] == pinned["probe_losses"]
     final = [r for r in records if "probe_top1" in r][-1]
-    assert {k: final[k] for k in pinned["final"]} == pinned["final"]
-    assert _sum(summary["state"].params) == pinned["params_sum"]
-    assert _sum(summary["state"].probe_params) == pinned["probe_sum"]
+    got = dict(
+        losses=[r["loss"] for r in records if "loss" in r],
+        probe_losses=[r["probe_loss"] for r in records if "loss" in r],
+        final={k: final[k] for k in ("probe_top1", "probe_top5", "knn_top1", "knn_top5")},
+        params_sum=_sum(summary["state"].params),
+        probe_sum=_sum(summary["state"].probe_params),
+    )
+    assert_equals_a_recorded_host(got, PINNED_RUNS[framework], framework)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,10 +78,11 @@ def _max_difference(a, b) -> float:
     [("simco", {}), ("mocov2", {"queue_size": 64}), ("byol", {})],
 )
 def test_each_member_is_its_separate_run(framework, overrides):
-    # Worst relative difference seen in a loss: 6e-7 for SimCo and MoCo v2; 3.8e-5 for BYOL at
-    # step 3 (after the epoch boundary, where its loss falls from 4.37 to 1.88 and LARS's trust
-    # ratios amplify the batched convolution's different rounding).
-    rtol = 1e-4 if framework == "byol" else 2e-6
+    # Worst relative difference seen in a loss: 6e-7 for SimCo and MoCo v2 on one host, 4.8e-6
+    # on an AVX-512 host (its kernels round the batched convolution differently again); 3.8e-5
+    # for BYOL at step 3 (after the epoch boundary, where its loss falls from 4.37 to 1.88 and
+    # LARS's trust ratios amplify the batched convolution's different rounding).
+    rtol = 1e-4 if framework == "byol" else 1e-5
     # 64 images / batch 32: 2 steps per epoch, so the 4 steps cross the epoch 0 → 1 boundary,
     # where each member reshuffles from its own seed.
     config = framework_config(framework, "smoke", synthetic_num_train=64, **overrides)
