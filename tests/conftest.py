@@ -19,6 +19,9 @@ os.environ.setdefault(
         "xla",
     ),
 )
+# JAX caches only programs that took a second or more to compile; the suite's are mostly smaller,
+# and a fresh interpreter (each subprocess test) would compile each of them again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")
