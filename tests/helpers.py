@@ -84,7 +84,7 @@ HOST_AVX512 = "AMD EPYC host with AVX-512"
 
 
 def assert_equals_a_recorded_host(got, recorded: dict, what: str):
-    """`got` equals exactly one of `recorded` ({host: value}, see HOST_A)."""
+    """`got` equals, bit for bit, one host's value in `recorded` ({host: value}; HOST_A)."""
     if not any(got == value for value in recorded.values()):
         hosts = "; ".join(f"{host}: {value!r}" for host, value in recorded.items())
         raise AssertionError(f"{what} {got!r} equals none of the values recorded ({hosts})")
