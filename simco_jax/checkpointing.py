@@ -18,7 +18,9 @@ evaluation, the export and the notebooks use it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -281,19 +283,25 @@ class Checkpointer:
         )
         unreadable = []
         try:
-            for step in sorted(self.manager.all_steps(), reverse=True):
-                try:
-                    self._check_record(step)
-                    return self._restore_state(step, abstract)
-                except CheckpointError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - any unreadable one: try an older one
-                    first_line = (str(error).strip().splitlines() or [""])[0]
-                    unreadable.append((step, f"{type(error).__name__}: {first_line[:300]}"))
-            return None
+            with _abandoned_reads_unreported():
+                return self._newest_readable(abstract, unreadable)
         finally:
             if unreadable:
                 self._set_aside(unreadable)
+
+    def _newest_readable(self, abstract, unreadable: list):
+        """Tries the steps newest first; appends (step, reason) to `unreadable` for each that
+        fails to read."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self._check_record(step)
+                return self._restore_state(step, abstract)
+            except CheckpointError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any unreadable one: try an older one
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                unreadable.append((step, f"{type(error).__name__}: {first_line[:300]}"))
+        return None
 
     def _restore_state(self, step: int, abstract):
         """The state of `step` in `abstract`'s layout, or, for a state that has a layout of
@@ -378,6 +386,30 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook.quiet_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+_UNRETRIEVED_ERRORS = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+def _is_not_an_unretrieved_error(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_UNRETRIEVED_ERRORS)
+
+
+@contextlib.contextmanager
+def _abandoned_reads_unreported():
+    """Orbax reads a checkpoint's arrays as asyncio tasks gathered together; when the first read
+    of a damaged checkpoint fails, the gather raises its error and the other failed reads are
+    abandoned. asyncio reports each of those when it is garbage-collected, at any later moment,
+    as "Task (or Future) exception was never retrieved" with the read's traceback: noise about
+    errors the restore already handled. Within this block asyncio's reports of unretrieved
+    errors are dropped, and collecting the garbage at its end makes them all happen within it."""
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(_is_not_an_unretrieved_error)
+    try:
+        yield
+    finally:
+        gc.collect()
+        asyncio_log.removeFilter(_is_not_an_unretrieved_error)
 
 
 # --------------------------------------------------------------------------------------------
