@@ -283,7 +283,7 @@ class Checkpointer:
         )
         unreadable = []
         try:
-            with _abandoned_reads_unreported():
+            with _abandoned_reads_unreported(unreadable):
                 return self._newest_readable(abstract, unreadable)
         finally:
             if unreadable:
@@ -396,19 +396,21 @@ def _is_not_an_unretrieved_error(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _abandoned_reads_unreported():
+def _abandoned_reads_unreported(failed: list):
     """Orbax reads a checkpoint's arrays as asyncio tasks gathered together; when the first read
     of a damaged checkpoint fails, the gather raises its error and the other failed reads are
     abandoned. asyncio reports each of those when it is garbage-collected, at any later moment,
     as "Task (or Future) exception was never retrieved" with the read's traceback: noise about
     errors the restore already handled. Within this block asyncio's reports of unretrieved
-    errors are dropped, and collecting the garbage at its end makes them all happen within it."""
+    errors are dropped; when a read failed (`failed` is not empty at its end), collecting the
+    garbage there makes them all happen within it."""
     asyncio_log = logging.getLogger("asyncio")
     asyncio_log.addFilter(_is_not_an_unretrieved_error)
     try:
         yield
     finally:
-        gc.collect()
+        if failed:
+            gc.collect()
         asyncio_log.removeFilter(_is_not_an_unretrieved_error)
 
 

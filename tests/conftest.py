@@ -39,3 +39,20 @@ def reference_run(tmp_path_factory):
     assert summary["step"] == REFERENCE_STEPS
     assert checkpoint_steps(workdir) == list(range(4, REFERENCE_STEPS + 1, 4))
     return workdir, summary["state"]
+
+
+def pytest_collection_modifyitems(items):
+    """The modules that hold slow tests first, each with its slow tests first: a run of both
+    (`-m "slow or not slow"`, as CI runs them) starts its longest tests early instead of leaving
+    one worker alone with them at the end, and a module's tests stay together, so a worker
+    builds a module's fixtures (reference runs) once for the slow and the default tests."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    position = {}
+    for item in items:
+        position.setdefault(item.module.__name__, len(position))
+
+    def order(item):
+        module = item.module.__name__
+        return (module not in slow, position[module], not item.get_closest_marker("slow"))
+
+    items.sort(key=order)

@@ -173,7 +173,7 @@ def _unretrieved_reports(caplog):
 def test_reads_abandoned_by_a_failed_restore_are_not_reported(caplog):
     gc.disable()  # the collection at the end of the block is what must report them, unheard
     try:
-        with checkpointing._abandoned_reads_unreported():
+        with checkpointing._abandoned_reads_unreported(failed=["a read"]):
             _abandon_a_failed_read()
         gc.collect()
         assert _unretrieved_reports(caplog) == []
