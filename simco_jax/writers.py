@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import socket
+import struct
 import sys
 import time
 
@@ -55,15 +58,9 @@ class MetricWriter:
                 self._write_events(record)
 
     def _write_events(self, record: dict) -> None:
-        from tensorboardX import summary
-        from tensorboardX.proto import event_pb2
-
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                event = event_pb2.Event(
-                    wall_time=time.time(), step=record["step"], summary=summary.scalar(key, value)
-                )
-                self._tb.write_event(event)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if scalars:
+            self._tb.write_scalars(record["step"], scalars)
         if time.monotonic() - self._flushed_at > TENSORBOARD_FLUSH_S:
             self._tb.flush()
             self._flushed_at = time.monotonic()
@@ -99,16 +96,93 @@ class MetricWriter:
             ) from error
 
 
-def _tensorboard_events(directory: str):
-    """An event file written synchronously (tensorboardX's SummaryWriter writes from a thread of
-    its own, which on a failed write dies with a traceback and then blocks the next writes)."""
-    try:
-        from tensorboardX.event_file_writer import EventsWriter
-    except ImportError:
-        log.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
-        return None
+def _tensorboard_events(directory: str) -> EventFile:
     os.makedirs(directory, exist_ok=True)
-    return EventsWriter(os.path.join(directory, "events"))
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    return EventFile(os.path.join(directory, name))
+
+
+class EventFile:
+    """A TensorBoard event file of scalars, written from the calling thread (tensorboardX's
+    writer writes from a thread of its own, which on a failed write dies with a traceback and
+    then blocks the next writes; and importing tensorboardX imports torch where it is
+    installed, seconds of every launch's start-up).
+
+    The format TensorBoard reads: TFRecord framing (the length, the data, each with a masked
+    CRC-32C) around `Event` protocol buffers, encoded here by hand: `wall_time` (field 1,
+    double), `step` (2, int64), `file_version` (3, string) and `summary` (5) holding one
+    `Summary.Value` per scalar: `tag` (1, string) and `simple_value` (2, float)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "wb")
+        self._write_event(_field(3, b"brain.Event:2"))
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        values = b"".join(
+            _field(1, _field(1, tag.encode()) + b"\x15" + _float32(value))
+            for tag, value in scalars.items()
+        )
+        self._write_event(b"\x10" + _varint(step) + _field(5, values))
+
+    def _write_event(self, fields: bytes) -> None:
+        event = b"\x09" + struct.pack("<d", time.time()) + fields
+        header = struct.pack("<Q", len(event))
+        self._file.write(header + _masked_crc(header) + event + _masked_crc(event))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # an int64: a negative one as its two's complement
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _float32(value: float) -> bytes:
+    try:
+        return struct.pack("<f", value)
+    except OverflowError:  # beyond float32's range: shown as infinite, as the float32 it is
+        return struct.pack("<f", math.copysign(math.inf, value))
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protocol buffer field (wire type 2): a string or a message."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's checksum: the CRC-32C rotated right by 15 bits plus a constant."""
+    crc = crc32c(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
 def _plain(value):

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from simco_jax import writers
@@ -125,3 +126,28 @@ def test_metrics_have_one_record_per_step_after_a_resume(tmp_path):
     # Readers also merge a file written by an older version: the last value of a step wins.
     path.write_text("".join(json.dumps(r) + "\n" for r in [*lines, {"step": 6, "loss": 1.0}]))
     assert writers.read_metrics(str(tmp_path))[-1] == {"step": 6, "loss": 1.0}
+
+
+def test_tensorboard_reads_the_scalars_of_each_step(tmp_path):
+    from tensorboard.backend.event_processing import event_file_loader
+
+    writer = writers.MetricWriter(str(tmp_path))
+    writer.write(3, {"loss": 1.5, "probe_top1": 20, "lr": 0.1, "note": "not a scalar"})
+    writer.write(2**40, {"loss": 1e39, "knn_top1": -0.25})  # beyond float32: infinite
+    writer.close()
+    (name,) = os.listdir(tmp_path / "tensorboard")
+    assert name.startswith("events.out.tfevents.")  # what TensorBoard looks for
+    loader = event_file_loader.LegacyEventFileLoader(str(tmp_path / "tensorboard" / name))
+    events = list(loader.Load())  # a record whose checksum is wrong would end the file here
+    assert events[0].file_version == "brain.Event:2"
+    got = [(e.step, [(v.tag, v.simple_value) for v in e.summary.value]) for e in events[1:]]
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    assert got == [
+        (3, [("loss", 1.5), ("probe_top1", 20.0), ("lr", f32(0.1))]),
+        (2**40, [("loss", float("inf")), ("knn_top1", -0.25)]),
+    ]
+
+
+def test_crc32c_is_the_castagnoli_checksum():
+    assert writers.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    assert writers.crc32c(b"") == 0
