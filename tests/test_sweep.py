@@ -4,6 +4,7 @@ import csv
 import glob
 import logging
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -22,6 +23,14 @@ def finished_sweep(tmp_path_factory):
     base = framework_config("simco", max_steps=4)
     rows = sweep.run_sweep(base, GRID, root, command="python -m simco_jax.sweep (test)")
     return root, base, rows
+
+
+def _copy_of(finished_sweep, tmp_path) -> str:
+    """A copy of the finished sweep for a test that reruns it or rewrites its tables: the tests
+    sharing the fixture may run in any order (xdist workers take each other's tests)."""
+    root = str(tmp_path / "sweep")
+    shutil.copytree(finished_sweep[0], root)
+    return root
 
 
 def test_sweep_trains_each_point_in_its_own_workdir_and_tabulates(finished_sweep):
@@ -63,10 +72,10 @@ def _sweep_messages(caplog):
 
 
 def test_rerun_skips_finished_points_and_resumes_unfinished_ones(
-    finished_sweep, monkeypatch, caplog
+    finished_sweep, tmp_path, monkeypatch, caplog
 ):
     caplog.set_level(logging.INFO, logger="simco_jax")
-    root, base, _ = finished_sweep
+    root, base = _copy_of(finished_sweep, tmp_path), finished_sweep[1]
     calls = []
     real = train.train_and_evaluate
     monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: calls.append(w) or real(c, w))
@@ -88,7 +97,7 @@ def test_rerun_skips_finished_points_and_resumes_unfinished_ones(
 
 def test_cli_says_which_point_runs(finished_sweep, tmp_path):
     """Under `python -m` the module is __main__: its messages must still show."""
-    root, _, _ = finished_sweep
+    root = _copy_of(finished_sweep, tmp_path)
     sweep_file = tmp_path / "dt.py"
     sweep_file.write_text(
         "def get_sweep(variant=None):\n"
@@ -103,7 +112,7 @@ def test_cli_says_which_point_runs(finished_sweep, tmp_path):
 
 
 def test_cli_table_only_rewrites_the_tables_with_its_command(finished_sweep, tmp_path):
-    root, _, _ = finished_sweep
+    root = _copy_of(finished_sweep, tmp_path)
     sweep_file = tmp_path / "dt.py"
     sweep_file.write_text(
         "def get_sweep(variant=None):\n"
